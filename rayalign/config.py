@@ -1,0 +1,449 @@
+"""Typed configuration: frozen dataclasses, YAML files, dotted command-line overrides, one validate().
+
+A job declares its config as a frozen dataclass whose fields are other frozen dataclasses (sections). Each
+field carries a docstring (the string literal under it), shown by ``--help``. Loading goes:
+
+    YAML file  ->  merged with ``a.b.c=value`` overrides  ->  type-checked build  ->  validate()
+
+Anything wrong (missing file, bad YAML, unknown key, wrong type, an impossible combination) raises
+:class:`ConfigError` with one line naming the source, the key and what was expected; jobs turn it into
+exit code 2 through :func:`parse_job_config`. Nothing is silently rewritten.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+import sys
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+COMMAND_LINE = "command line"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections shared by the jobs. Job-specific sections live beside the job's top-level config.
+# --------------------------------------------------------------------------------------------------------------
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """Model to load: an embedded name (see `rayalign.models.EMBEDDED`), a local HF directory or an HF hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    """Weights dtype for the inference engines ("auto" takes the checkpoint's own)."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with a hub checkpoint to run (only for models you trust)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RayConfig:
+    address: str = ""
+    """Ray cluster to join. Empty: $RAY_ADDRESS when set, otherwise a new local Ray started by the job."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray started by the job (None: all of this machine's). Ignored when joining a cluster."""
+    namespace: str = "rayalign"
+    """Ray namespace for the job's named actors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "rayalign"
+    """MLflow experiment name. The tracking store is $MLFLOW_TRACKING_URI, or ./mlflow.db in the working directory."""
+    run_name: str = ""
+    """MLflow run name (empty: MLflow picks one)."""
+    sample_every: int = 1
+    """Log a table of (prompt, response, ...) samples every this many steps."""
+
+    def validate(self) -> None:
+        if self.sample_every < 1:
+            raise ConfigError(f"tracking.sample_every: expected an int >= 1, got {self.sample_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    max_new_tokens: int = 64
+    """Most tokens generated per response."""
+    n: int = 1
+    """Responses sampled per prompt (GRPO/RLOO groups need n >= 2)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a response (not included in it)."""
+    seed: int | None = None
+    """Sampling seed (None: vLLM's own)."""
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature: expected a float >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p: expected a float in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sampling.max_new_tokens: expected an int >= 1, got {self.max_new_tokens}")
+        if self.n < 1:
+            raise ConfigError(f"sampling.n: expected an int >= 1, got {self.n}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    num_engines: int = 1
+    """vLLM engine replicas; a batch is split evenly across them."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine (tensor parallel). Must be 1 on CPU."""
+    max_model_len: int = 1024
+    """Longest prompt + response, in tokens, that an engine accepts."""
+    gpu_memory_utilization: float = 0.5
+    """Share of each GPU's memory that vLLM may take (GPU only)."""
+    cpu_kvcache_gib: int = 1
+    """KV cache size per engine on CPU, in GiB (sets VLLM_CPU_KVCACHE_SPACE)."""
+    num_cpus: float = 1.0
+    """Ray CPUs reserved for each engine actor."""
+    num_gpus: float = 0.0
+    """Ray GPUs reserved for each engine actor (0 on CPU; tensor_parallel_size on GPU)."""
+    enforce_eager: bool = True
+    """Skip CUDA graph capture (faster start, slower decode). Ignored on CPU."""
+
+    def validate(self) -> None:
+        if self.num_engines < 1:
+            raise ConfigError(f"engine.num_engines: expected an int >= 1, got {self.num_engines}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"engine.tensor_parallel_size: expected an int >= 1, got {self.tensor_parallel_size}")
+        if self.num_gpus == 0 and self.tensor_parallel_size != 1:
+            raise ConfigError(
+                f"engine.tensor_parallel_size={self.tensor_parallel_size} needs GPUs, but engine.num_gpus=0 (CPU engines use 1)"
+            )
+        if self.num_gpus > 0 and self.num_gpus < self.tensor_parallel_size:
+            raise ConfigError(
+                f"engine.num_gpus={self.num_gpus} is less than engine.tensor_parallel_size={self.tensor_parallel_size}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"engine.gpu_memory_utilization: expected a float in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.max_model_len < 16:
+            raise ConfigError(f"engine.max_model_len: expected an int >= 16, got {self.max_model_len}")
+        if self.cpu_kvcache_gib < 1:
+            raise ConfigError(f"engine.cpu_kvcache_gib: expected an int >= 1, got {self.cpu_kvcache_gib}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Raw(str):
+    """A command-line value: parsed as YAML unless the field wants a string."""
+
+
+class _RawSection(dict):
+    """A section created by a command-line override (for error messages that name the right source)."""
+
+
+def _source_of(value: Any, source: str) -> str:
+    return COMMAND_LINE if isinstance(value, (_Raw, _RawSection)) else source
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
+    """Build ``cls`` from an optional YAML file and ``key.sub=value`` overrides, then validate it.
+
+    Raises:
+        ConfigError: one line naming the file (or "command line"), the key and what was expected.
+    """
+    data: dict[str, Any] = {}
+    source = COMMAND_LINE
+    if path is not None:
+        source = str(path)
+        data = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(data, item)
+    config = _build(cls, data, prefix="", source=source)
+    validate(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "could not parse"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{COMMAND_LINE}: override '{item}' is not of the form section.key=value")
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, _RawSection())
+        if not isinstance(child, dict):
+            raise ConfigError(f"{COMMAND_LINE}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = _Raw(value)
+
+
+def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {_describe(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        src = _source_of(data[unknown[0]], source)
+        raise ConfigError(
+            f"{src}: unknown key '{prefix}{unknown[0]}' (expected one of: {', '.join(sorted(fields))})"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        src = _source_of(value, source)
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}", src)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=key + ".", source=source)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, _Raw) and not _wants_string(tp):
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"{source}: {key}: could not parse value '{value}'") from None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {_describe(value)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key}: expected one of {list(args)}, got {_describe(value)}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key}: expected a list, got {_describe(value)}")
+        item_type = args[0] if args else Any
+        return tuple(_coerce(item_type, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {_describe(value)}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(vt, v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected an int, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected a float, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {_describe(value)}")
+        return str(value)
+    raise TypeError(f"config field {key} has unsupported type {tp!r}")  # a programming error, not user input
+
+
+def _wants_string(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return str in typing.get_args(tp)
+    return False
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        kind, text = "a section", repr(dict(value))
+    elif isinstance(value, _Raw):
+        kind, text = "str", repr(str(value))
+    else:
+        kind, text = type(value).__name__, repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{kind} {text}"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) in (tuple, list):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", repr(tp))
+
+
+def validate(config: Any) -> None:
+    """Run every section's ``validate()`` (depth first), then the top level's. Raises ConfigError."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    check = getattr(config, "validate", None)
+    if callable(check):
+        check()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Introspection: field docs, dicts for logging, secrets redaction
+# --------------------------------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (``name: type = default`` then ``\"\"\"doc\"\"\"``)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_config(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """Lines ``key (type, default): doc`` for every leaf field, for ``--help``; defaults are the job's own."""
+    defaults = cls() if defaults is None else defaults
+    lines = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, default = hints[f.name], getattr(defaults, f.name)
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe_config(tp, prefix=f"{prefix}{f.name}.", defaults=default))
+            continue
+        tname = f"one of {list(typing.get_args(tp))}" if typing.get_origin(tp) is Literal else _type_name(tp)
+        lines.append(f"  {prefix}{f.name} ({tname}, default {default!r}): {docs.get(f.name, '')}")
+    return lines
+
+
+_SECRET_KEY = re.compile(r"(^|_)(api_key|key|token|secret|password|passwd|credentials)$", re.IGNORECASE)
+REDACTED = "***"
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain YAML-able data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(config)
+
+
+def redact(data: Any) -> Any:
+    """A copy of ``data`` with the value of every secret-looking key (``*_key``, ``token``, ``password``...) hidden."""
+    if isinstance(data, dict):
+        return {
+            k: (REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)) for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    return data
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Jobs' command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_job_config(cls: type[T], argv: typing.Sequence[str] | None = None, *, default_config: str | None = None,
+                     description: str = "") -> T:
+    """``[--config FILE] [section.key=value ...]`` -> a validated config; exits 2 with one line on any error."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(description.strip() + "\n" if description else "", end="")
+        print("usage: [--config FILE.yaml] [section.key=value ...]\n\nconfig keys:")
+        print("\n".join(describe_config(cls)))
+        sys.exit(0)
+    path = default_config
+    overrides = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config":
+            if i + 1 >= len(args):
+                _exit_config_error(ConfigError(f"{COMMAND_LINE}: --config needs a file path"))
+            path = args[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            _exit_config_error(ConfigError(f"{COMMAND_LINE}: unknown option '{arg}' (expected --config FILE or key=value)"))
+        else:
+            overrides.append(arg)
+        i += 1
+    try:
+        return load_config(cls, path, overrides)
+    except ConfigError as e:
+        _exit_config_error(e)
+    raise AssertionError("unreachable")
+
+
+def _exit_config_error(error: ConfigError) -> typing.NoReturn:
+    print(f"config error: {error}", file=sys.stderr)
+    sys.exit(2)

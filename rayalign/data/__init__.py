@@ -1,0 +1,1 @@
+"""Datasets: prompt files (JSONL / Parquet) and the datasets shipped with rayalign."""

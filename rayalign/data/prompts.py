@@ -1,0 +1,81 @@
+"""Prompt datasets: JSONL or Parquet rows with a ``prompt`` field, or a dataset shipped inside rayalign.
+
+Shipped datasets are named ``builtin:<name>/<split>``, e.g. ``builtin:vegetarian/train`` (see
+``rayalign/datasets/``). Rows without a usable prompt are skipped and counted, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "datasets"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used at all (missing, unreadable, or with no usable row)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    prompts: tuple[str, ...]
+    source: str
+    skipped: int
+    """Rows without a non-empty string ``prompt`` (or unparsable lines)."""
+
+
+def dataset_path(name: str) -> Path:
+    """Path of a prompt file: ``builtin:veg/train`` -> the shipped JSONL, anything else -> that path."""
+    if name.startswith(BUILTIN_PREFIX):
+        rel = name[len(BUILTIN_PREFIX):]
+        path = BUILTIN_DIR / f"{rel}.jsonl"
+        if not path.is_file():
+            known = sorted(str(p.relative_to(BUILTIN_DIR).with_suffix("")) for p in BUILTIN_DIR.glob("*/*.jsonl"))
+            raise DatasetError(f"unknown builtin dataset '{name}' (known: {', '.join(known)})")
+        return path
+    return Path(name).expanduser()
+
+
+def load_prompts(name: str, *, limit: int | None = None, field: str = "prompt") -> PromptSet:
+    """Read prompts from ``name`` (JSONL, Parquet or ``builtin:...``), keeping file order."""
+    path = dataset_path(name)
+    if not path.is_file():
+        raise DatasetError(f"{name}: prompt file not found")
+    rows: list[object]
+    skipped = 0
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise DatasetError(f"{name}: no '{field}' column (columns: {', '.join(table.column_names)})")
+        rows = [{field: v} for v in table.column(field).to_pylist()]
+    else:
+        rows = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d: not valid JSON; skipped", name, lineno)
+                skipped += 1
+    prompts = []
+    for row in rows:
+        value = row.get(field) if isinstance(row, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            skipped += 1
+            continue
+        prompts.append(value.strip())
+        if limit is not None and len(prompts) >= limit:
+            break
+    if skipped:
+        log.warning("%s: skipped %d rows without a usable '%s'", name, skipped, field)
+    if not prompts:
+        raise DatasetError(f"{name}: no usable rows with a non-empty '{field}' string ({skipped} skipped)")
+    return PromptSet(prompts=tuple(prompts), source=str(path), skipped=skipped)

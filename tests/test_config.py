@@ -1,0 +1,178 @@
+"""Config loading: YAML + dotted overrides, every rejection path, docs for every field, secrets redaction."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from conftest import ROOT, load_job, run_job
+from rayalign import config as C
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    steps: int = 3
+    """Steps."""
+    lr: float = 1e-5
+    """Learning rate."""
+    mode: Literal["a", "b"] = "a"
+    """Mode."""
+    name: str = "x"
+    """Name."""
+    stop: tuple[str, ...] = ()
+    """Stop strings."""
+    limit: int | None = None
+    """Optional limit."""
+    api_key: str = ""
+    """A secret."""
+    api_key_env: str = "MY_KEY"
+    """Name of the env var holding the secret (not itself secret)."""
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise C.ConfigError(f"inner.steps: expected an int >= 1, got {self.steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Top:
+    inner: Inner = Inner()
+    """Inner section."""
+    flag: bool = False
+    """A flag."""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    assert C.load_config(Top) == Top()
+    path = write(tmp_path, 'inner:\n  steps: 5\n  stop: ["\\n\\n"]\nflag: true\n')
+    cfg = C.load_config(Top, path, ["inner.lr=0.5", "inner.mode=b", "inner.name=123", "inner.limit=7"])
+    assert cfg.inner.steps == 5 and cfg.inner.stop == ("\n\n",) and cfg.flag is True
+    assert cfg.inner.lr == 0.5 and cfg.inner.mode == "b"
+    assert cfg.inner.name == "123"  # a str field keeps the command-line text as written
+    assert cfg.inner.limit == 7
+    assert C.load_config(Top, None, ["inner.limit=null"]).inner.limit is None
+    assert C.load_config(Top, None, ["inner.lr=3"]).inner.lr == 3.0  # an int is a fine float
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, expected",
+    [
+        ("inner:\n  stepz: 1\n", [], "c.yaml: unknown key 'inner.stepz' (expected one of:"),
+        ("", ["inner.stepz=1"], "command line: unknown key 'inner.stepz'"),
+        ("nope: 1\n", [], "c.yaml: unknown key 'nope'"),
+        ("inner:\n  steps: many\n", [], "c.yaml: inner.steps: expected an int, got str 'many'"),
+        ("", ["inner.steps=many"], "command line: inner.steps: expected an int, got str 'many'"),
+        ("inner:\n  steps: 2.5\n", [], "inner.steps: expected an int, got float 2.5"),
+        ("inner:\n  steps: true\n", [], "inner.steps: expected an int, got bool True"),
+        ("flag: 1\n", [], "c.yaml: flag: expected true or false, got int 1"),
+        ("inner:\n  mode: c\n", [], "inner.mode: expected one of ['a', 'b'], got str 'c'"),
+        ("inner:\n  stop: abc\n", [], "inner.stop: expected a list, got str 'abc'"),
+        ("inner:\n  limit: x\n", [], "inner.limit: expected int or null, got str 'x'"),
+        ("inner: 3\n", [], "c.yaml: inner: expected a mapping, got int 3"),
+        ("- 1\n- 2\n", [], "c.yaml: expected a mapping of sections at the top level, got list"),
+        ("inner:\n  steps: [1\n", [], "c.yaml: invalid YAML at line"),
+        ("inner:\n  steps: 0\n", [], "inner.steps: expected an int >= 1, got 0"),
+        ("", ["inner.steps"], "override 'inner.steps' is not of the form section.key=value"),
+        ("flag: true\n", ["flag.x=1"], "command line: 'flag' is a value, not a section"),
+        ("", ["flag.x=1"], "command line: flag: expected true or false, got a section {'x': '1'}"),
+    ],
+)
+def test_rejections_name_file_key_and_expectation(tmp_path, yaml_text, overrides, expected):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(C.ConfigError) as info:
+        C.load_config(Top, path, overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(C.ConfigError, match=r"nope\.yaml: config file not found"):
+        C.load_config(Top, tmp_path / "nope.yaml")
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Top().flag = True  # type: ignore[misc]
+
+
+def test_redaction_hides_secrets_only():
+    cfg = C.load_config(Top, None, ["inner.api_key=sk-very-secret"])
+    data = C.redact(C.to_dict(cfg))
+    assert data["inner"]["api_key"] == C.REDACTED
+    assert data["inner"]["api_key_env"] == "MY_KEY"
+    assert "sk-very-secret" not in repr(data)
+    assert C.redact({"token": "", "max_new_tokens": 5, "password": "p", "x": [{"secret": "s"}]}) == {
+        "token": "", "max_new_tokens": 5, "password": C.REDACTED, "x": [{"secret": C.REDACTED}]}
+
+
+def _all_config_classes():
+    job = load_job("sample.py")
+    seen, todo = [], [job.SampleConfig, C.ModelConfig, C.RayConfig, C.TrackingConfig, C.SamplingConfig, C.EngineConfig]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.append(cls)
+        todo.extend(t for t in typing.get_type_hints(cls).values() if dataclasses.is_dataclass(t))
+    return seen
+
+
+@pytest.mark.parametrize("cls", _all_config_classes(), ids=lambda c: c.__name__)
+def test_every_config_field_has_a_docstring(cls):
+    docs = C.field_docs(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize("cls", _all_config_classes(), ids=lambda c: c.__name__)
+def test_default_configs_validate(cls):
+    C.validate(cls())
+
+
+def test_engine_cross_field_rules():
+    with pytest.raises(C.ConfigError, match="tensor_parallel_size=2 needs GPUs"):
+        C.load_config(C.EngineConfig, None, ["tensor_parallel_size=2"])
+    with pytest.raises(C.ConfigError, match="num_gpus=1.0 is less than engine.tensor_parallel_size=2"):
+        C.load_config(C.EngineConfig, None, ["tensor_parallel_size=2", "num_gpus=1"])
+    assert C.load_config(C.EngineConfig, None, ["tensor_parallel_size=2", "num_gpus=2"]).num_gpus == 2.0
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["trainer.total_steps=4"], "config error: command line: unknown key 'trainer'"),
+        (["sampling.max_new_tokens=lots"], "config error: command line: sampling.max_new_tokens: expected an int"),
+        (["--config", "missing.yaml"], "config error: missing.yaml: config file not found"),
+        (["--bogus"], "config error: command line: unknown option '--bogus'"),
+    ],
+)
+def test_job_exits_2_with_one_line(tmp_path, args, expected):
+    result = run_job("sample.py", *args, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith(expected), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_job_help_lists_documented_keys(tmp_path):
+    result = run_job("sample.py", "--help", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0
+    assert "sampling.max_new_tokens (int, default 96): Most tokens generated per response." in result.stdout
+
+
+def test_shipped_yaml_configs_load():
+    job = load_job("sample.py")
+    paths = sorted((ROOT / "jobs" / "configs").glob("sample*.yaml"))
+    assert paths, "no shipped sample configs"
+    for path in paths:
+        C.load_config(job.SampleConfig, path)

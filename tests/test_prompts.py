@@ -1,0 +1,53 @@
+"""Prompt datasets: shipped sets, bad rows skipped and counted, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rayalign.data.prompts import DatasetError, dataset_path, load_prompts
+
+
+def test_shipped_vegetarian_sets():
+    train = load_prompts("builtin:vegetarian/train")
+    holdout = load_prompts("builtin:vegetarian/holdout")
+    assert len(train.prompts) >= 300 and len(holdout.prompts) >= 100
+    assert train.skipped == holdout.skipped == 0
+    assert not set(train.prompts) & set(holdout.prompts)
+    rows = [json.loads(line) for line in dataset_path("builtin:vegetarian/judge_validation").read_text().splitlines()]
+    assert len(rows) >= 200
+    good = sum(r["label"] == 1 for r in rows)
+    assert 0.4 < good / len(rows) < 0.6
+    assert {"hidden_animal_ingredient", "mentions_meat_to_avoid", "vegetarian_unhelpful", "injection"} <= {
+        r["category"] for r in rows}
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\nnot json\n{"prompt": ""}\n{"other": 1}\n\n{"prompt": " b "}\n')
+    result = load_prompts(str(path))
+    assert result.prompts == ("a", "b") and result.skipped == 3
+    assert load_prompts(str(path), limit=1).prompts == ("a",)
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["x", None, "y"]}), tmp_path / "p.parquet")
+    result = load_prompts(str(tmp_path / "p.parquet"))
+    assert result.prompts == ("x", "y") and result.skipped == 1
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "q.parquet")
+    with pytest.raises(DatasetError, match="no 'prompt' column"):
+        load_prompts(str(tmp_path / "q.parquet"))
+
+
+def test_errors(tmp_path):
+    with pytest.raises(DatasetError, match="prompt file not found"):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty.jsonl").write_text('{"x": 1}\n')
+    with pytest.raises(DatasetError, match="no usable rows"):
+        load_prompts(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(DatasetError, match="unknown builtin dataset 'builtin:nope/x'"):
+        load_prompts("builtin:nope/x")
