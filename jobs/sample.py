@@ -69,19 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from rayalign.resources import init_ray
-    from rayalign.rollout.engine import generate, start_engines
+    from rayalign.rollout.group import RolloutGroup
     from rayalign.tracking import Tracker
 
     address = init_ray(cfg.ray)
     with Tracker(cfg.tracking.experiment, run_name=cfg.tracking.run_name, config=cfg,
                  tags={"job": "sample", "ray_address": address}) as tracker:
         t0 = time.perf_counter()
-        engines = start_engines(model_path, cfg.model, cfg.engine)
+        engines = RolloutGroup(model_path, cfg.model, cfg.engine, transport="none")
         start_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        rollouts = generate(engines, prompts.prompts, cfg.sampling)
+        rollouts = engines.generate(prompts.prompts, cfg.sampling)
         generate_s = time.perf_counter() - t0
+        engines.shutdown()
 
         lengths = [len(r.response_token_ids) for r in rollouts]
         metrics = {

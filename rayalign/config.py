@@ -89,6 +89,8 @@ class SamplingConfig:
     """Strings that end a response (not included in it)."""
     seed: int | None = None
     """Sampling seed (None: vLLM's own)."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token up to max_new_tokens (fixed lengths, for benchmarks)."""
 
     def validate(self) -> None:
         if self.temperature < 0:

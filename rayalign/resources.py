@@ -48,6 +48,8 @@ def engine_actor_options(engine: EngineConfig) -> dict[str, Any]:
         "num_cpus": engine.num_cpus,
         "num_gpus": engine.num_gpus,
         "runtime_env": {"env_vars": env},
-        # Engines are restarted by Ray when their process dies; the driver re-syncs weights before new work.
+        # Ray restarts an engine whose process dies and retries the call it was serving; the restarted engine
+        # pulls the latest published weights in its constructor, before it takes that call.
         "max_restarts": -1,
+        "max_task_retries": 2,
     }

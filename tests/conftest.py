@@ -59,3 +59,14 @@ def load_job(script: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the whole session (engines are shared between tests; starting one costs ~40 s)."""
+    import ray
+
+    ray.init(address="local", num_cpus=6, include_dashboard=False, namespace="rayalign-tests",
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

@@ -6,18 +6,27 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
+from rayalign.rollout.weight_sync import Published, write_lora_files
 from rayalign.types import Rollout
 
 
 class VLLMEngine:
-    """One vLLM `LLM` in its own process; `generate` returns `Rollout`s tagged with this engine's policy version."""
+    """One vLLM `LLM`; `generate` returns `Rollout`s tagged with the policy version they were sampled with.
 
-    def __init__(self, model_path: str, model: ModelConfig, engine: EngineConfig, engine_id: int = 0,
-                 enable_lora: bool = False, max_lora_rank: int = 16):
+    With ``store_name`` set, the engine follows the `WeightStore` of that name: it applies the latest published
+    version in its constructor (so a restarted engine comes back current) and whenever asked for a newer one.
+    """
+
+    def __init__(self, model_path: str, model: ModelConfig, engine: EngineConfig, engine_id: int = 0, *,
+                 enable_lora: bool = False, max_lora_rank: int = 16, store_name: str | None = None,
+                 namespace: str | None = None):
         from vllm import LLM
 
         started = time.perf_counter()
@@ -32,37 +41,83 @@ class VLLMEngine:
             # Logprobs of the distribution actually sampled from (after temperature), which is what the
             # learner's importance ratios need.
             logprobs_mode="processed_logprobs",
+            worker_extension_cls="rayalign.rollout.weight_sync.WorkerExtension",
         )
         if enable_lora:
-            kwargs["max_lora_rank"] = max_lora_rank
+            kwargs.update(max_lora_rank=max_lora_rank, max_loras=1)
         if engine.num_gpus > 0:
             kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self.engine_id = engine_id
         self.policy_version = 0
+        self._lora_request: Any = None
+        self._lora_root = Path(tempfile.mkdtemp(prefix=f"rayalign-lora-e{engine_id}-"))
+        self._store = None
+        if store_name is not None:
+            import ray
+
+            self._store = ray.get_actor(store_name, namespace=namespace)
+            self.sync()
         self.start_seconds = time.perf_counter() - started
 
     def info(self) -> dict[str, Any]:
-        return {"engine_id": self.engine_id, "policy_version": self.policy_version, "start_seconds": self.start_seconds}
+        import os
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, chat: bool = True) -> list[Rollout]:
-        """Sample ``sampling.n`` responses per prompt. Output order: prompt-major, then sample index."""
-        from vllm import SamplingParams
+        return {"engine_id": self.engine_id, "policy_version": self.policy_version,
+                "start_seconds": self.start_seconds, "pid": os.getpid()}
 
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None,
-            seed=sampling.seed,
-            logprobs=0,  # the sampled token's own logprob
-        )
+    def sync(self) -> dict[str, Any]:
+        """Apply the store's latest version if this engine is behind. Returns what was done and how long it took."""
+        import ray
+
+        t0 = time.perf_counter()
+        if self._store is None:
+            raise RuntimeError("this engine follows no weight store (start it with store_name=...)")
+        published: Published = ray.get(self._store.latest.remote())
+        if published.version == self.policy_version:
+            return {"version": self.policy_version, "applied": False, "seconds": time.perf_counter() - t0}
+        if published.kind == "lora":
+            self._apply_lora(published)
+        elif published.kind == "full":
+            self._apply_full(published)
+        else:
+            raise ValueError(f"cannot apply a published version of kind {published.kind!r}")
+        self.policy_version = published.version
+        return {"version": self.policy_version, "applied": True, "seconds": time.perf_counter() - t0}
+
+    def _apply_lora(self, published: Published) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if not self.llm.llm_engine.vllm_config.lora_config:
+            raise RuntimeError("a LoRA version was published but this engine was started without enable_lora")
+        path = write_lora_files(published, self._lora_root)
+        request = LoRARequest(f"policy-v{published.version}", published.version, str(path))
+        self.llm.llm_engine.add_lora(request)
+        old, self._lora_request = self._lora_request, request
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+    def _apply_full(self, published: Published) -> None:
+        buckets = [[b.path, b.nbytes, [[e.name, e.dtype, list(e.shape), e.offset, e.nbytes] for e in b.entries]]
+                   for b in published.buckets]
+        self.llm.collective_rpc("rayalign_load_buckets", args=(buckets,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, version: int | None = None,
+                 chat: bool = True) -> list[Rollout]:
+        """Sample ``sampling.n`` responses per prompt (prompt-major order) with policy ``version`` (None: current)."""
+        if version is not None and version != self.policy_version:
+            self.sync()
+            if version != self.policy_version:
+                raise RuntimeError(f"engine {self.engine_id} asked for policy v{version} but the store holds "
+                                   f"v{self.policy_version}")
+        params = self._sampling_params(sampling)
         if chat:
             conversations = [[{"role": "user", "content": p}] for p in prompts]
-            outputs = self.llm.chat(conversations, params, use_tqdm=False)
+            outputs = self.llm.chat(conversations, params, use_tqdm=False, lora_request=self._lora_request)
         else:
-            outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+            outputs = self.llm.generate(list(prompts), params, use_tqdm=False, lora_request=self._lora_request)
         rollouts = []
         for prompt, out in zip(prompts, outputs):
             for sample in out.outputs:
@@ -80,28 +135,26 @@ class VLLMEngine:
                 ))
         return rollouts
 
+    def chat(self, messages: list[dict[str, str]], sampling: SamplingConfig) -> dict[str, Any]:
+        """One multi-turn chat completion with the current policy (for the HTTP route)."""
+        out = self.llm.chat([messages], self._sampling_params(sampling), use_tqdm=False,
+                            lora_request=self._lora_request)[0]
+        sample = out.outputs[0]
+        return {"text": sample.text, "finish_reason": str(sample.finish_reason),
+                "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(sample.token_ids),
+                "policy_version": self.policy_version, "engine_id": self.engine_id}
 
-def start_engines(model_path: str, model: ModelConfig, engine: EngineConfig, **engine_kwargs: Any) -> list[Any]:
-    """Launch ``engine.num_engines`` engine actors and wait until every one has loaded the model."""
-    import ray
+    @staticmethod
+    def _sampling_params(sampling: SamplingConfig) -> Any:
+        from vllm import SamplingParams
 
-    from rayalign.resources import engine_actor_options
-
-    actor_cls = ray.remote(VLLMEngine)
-    options = engine_actor_options(engine)
-    handles = [
-        actor_cls.options(**options, name=None).remote(model_path, model, engine, engine_id=i, **engine_kwargs)
-        for i in range(engine.num_engines)
-    ]
-    ray.get([h.info.remote() for h in handles])
-    return handles
-
-
-def generate(handles: Sequence[Any], prompts: Sequence[str], sampling: SamplingConfig) -> list[Rollout]:
-    """Split ``prompts`` into one contiguous chunk per engine, generate in parallel, return them in prompt order."""
-    import ray
-
-    chunk = -(-len(prompts) // len(handles))
-    futures = [h.generate.remote(prompts[i * chunk:(i + 1) * chunk], sampling)
-               for i, h in enumerate(handles) if prompts[i * chunk:(i + 1) * chunk]]
-    return [r for part in ray.get(futures) for r in part]
+        return SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            ignore_eos=sampling.ignore_eos,
+            logprobs=0,  # the sampled token's own logprob
+        )

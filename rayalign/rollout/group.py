@@ -1,0 +1,111 @@
+"""The driver's handle on the rollout engines: spread a batch over all of them, publish and sync weights.
+
+Why actors behind one handle rather than Serve replicas: Serve routes each request to one replica of its choice,
+but the driver must reach *every* engine (to split a batch evenly and to sync weights). Engines are Ray actors
+that Ray restarts on failure; an engine pulls the latest published version in its constructor, so a restarted
+engine is current before it takes work. HTTP serving of the same engines goes through a light Serve ingress
+(`rayalign.rollout.serve`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any, Literal, Sequence
+
+from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
+from rayalign.rollout.engine import VLLMEngine
+from rayalign.rollout.weight_sync import Published, WeightStore
+from rayalign.types import Rollout
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncReport:
+    version: int
+    seconds: float
+    """Wall time of the whole sync, as the driver saw it."""
+    engine_seconds: tuple[float, ...]
+    """Time each engine spent applying the version."""
+
+
+class RolloutGroup:
+    """``engine.num_engines`` vLLM engine actors plus the `WeightStore` they follow.
+
+    ``transport``: how new weights will arrive -- "lora" (engines start with LoRA enabled), "full" (full weights
+    through shared memory) or "none" (a fixed model, e.g. for sampling or evaluation).
+    """
+
+    def __init__(self, model_path: str, model: ModelConfig, engine: EngineConfig, *,
+                 transport: Literal["lora", "full", "none"] = "lora", max_lora_rank: int = 16, name: str = "policy"):
+        import ray
+
+        from rayalign.resources import engine_actor_options
+
+        suffix = uuid.uuid4().hex[:8]
+        namespace = ray.get_runtime_context().namespace
+        self.store_name = f"rayalign-{name}-weights-{suffix}"
+        self.store = ray.remote(WeightStore).options(name=self.store_name, num_cpus=0).remote()
+        actor_cls = ray.remote(VLLMEngine)
+        options = engine_actor_options(engine)
+        self.engines = [
+            actor_cls.options(**options, name=f"rayalign-{name}-engine{i}-{suffix}").remote(
+                model_path, model, engine, i, enable_lora=transport == "lora", max_lora_rank=max_lora_rank,
+                store_name=self.store_name, namespace=namespace)
+            for i in range(engine.num_engines)
+        ]
+        self.engine_names = [f"rayalign-{name}-engine{i}-{suffix}" for i in range(engine.num_engines)]
+        self.transport = transport
+        self.version = 0
+        self.infos()  # wait until every engine has loaded the model
+
+    def infos(self) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get([e.info.remote() for e in self.engines])
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Rollout]:
+        """Split ``prompts`` into one contiguous chunk per engine; results come back in prompt order, all sampled
+        with the current version."""
+        import ray
+
+        chunk = -(-len(prompts) // len(self.engines))
+        futures = [
+            engine.generate.remote(list(prompts[i * chunk:(i + 1) * chunk]), sampling, version=self.version)
+            for i, engine in enumerate(self.engines) if prompts[i * chunk:(i + 1) * chunk]
+        ]
+        return [r for part in ray.get(futures) for r in part]
+
+    def publish(self, published: Published) -> int:
+        """Hand a new version to the store (what a learner does through `store_name`)."""
+        import ray
+
+        return ray.get(self.store.publish.remote(published))
+
+    def next_version(self) -> int:
+        import ray
+
+        return ray.get(self.store.latest_version.remote()) + 1
+
+    def sync(self) -> SyncReport:
+        """Bring every engine to the store's latest version; when this returns, they all generate with it."""
+        import ray
+
+        t0 = time.perf_counter()
+        latest = ray.get(self.store.latest_version.remote())
+        results = ray.get([e.sync.remote() for e in self.engines])
+        stale = [r["version"] for r in results if r["version"] != latest]
+        if stale:
+            raise RuntimeError(f"engines still on versions {stale} after syncing to v{latest}")
+        self.version = latest
+        return SyncReport(latest, time.perf_counter() - t0, tuple(r["seconds"] for r in results))
+
+    def shutdown(self) -> None:
+        import ray
+
+        for engine in self.engines:
+            ray.kill(engine, no_restart=True)
+        try:
+            ray.get(self.store.close.remote())
+        finally:
+            ray.kill(self.store, no_restart=True)

@@ -1,0 +1,111 @@
+"""An OpenAI-compatible chat route (Ray Serve) over the rollout engines, for a look at the policy while it trains.
+
+The route is a light Serve ingress that forwards each request to one engine actor (round robin); it answers with
+whatever policy version the engines hold. It binds to 127.0.0.1 unless told otherwise.
+
+    POST /v1/chat/completions  {"messages": [...], "max_tokens": 64, "temperature": 0.7}
+    GET  /v1/models
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations at definition time,
+# and `Request` is imported inside `build_chat_app` to keep `import rayalign` light.
+import time
+import uuid
+from typing import Any, Sequence
+
+from rayalign.config import SamplingConfig
+
+
+def _bad_request(message: str) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=400, content={"error": {"message": message, "type": "invalid_request_error"}})
+
+
+def parse_chat_request(body: Any, defaults: SamplingConfig) -> tuple[list[dict[str, str]], SamplingConfig]:
+    """Validate an OpenAI chat request body. Raises ValueError with a one-line reason."""
+    import dataclasses
+
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}")
+    changes: dict[str, Any] = {}
+    for key, field, kind in (("max_tokens", "max_new_tokens", int), ("temperature", "temperature", float),
+                             ("top_p", "top_p", float), ("seed", "seed", int)):
+        if body.get(key) is not None:
+            value = body[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+                raise ValueError(f"'{key}' must be a number")
+            changes[field] = kind(value)
+    sampling = dataclasses.replace(defaults, n=1, **changes)
+    if sampling.max_new_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+        raise ValueError("max_tokens must be >= 1, temperature >= 0 and top_p in (0, 1]")
+    return [{"role": m["role"], "content": m["content"]} for m in messages], sampling
+
+
+def build_chat_app(engine_names: Sequence[str], namespace: str, model_name: str, defaults: SamplingConfig) -> Any:
+    """A bound Serve application; run it with `start_chat_server`."""
+    import ray
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    api = FastAPI(title="rayalign policy")
+
+    @serve.deployment(name="rayalign-chat", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class ChatRoute:
+        def __init__(self) -> None:
+            self.engines = [ray.get_actor(n, namespace=namespace) for n in engine_names]
+            self.turn = 0
+
+        @api.get("/v1/models")
+        async def models(self) -> dict[str, Any]:
+            return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "rayalign"}]}
+
+        @api.post("/v1/chat/completions")
+        async def chat(self, request: Request) -> Any:
+            try:
+                messages, sampling = parse_chat_request(await request.json(), defaults)
+            except ValueError as e:
+                return _bad_request(str(e))
+            engine = self.engines[self.turn % len(self.engines)]
+            self.turn += 1
+            out = await engine.chat.remote(messages, sampling)
+            return {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                             "finish_reason": out["finish_reason"]}],
+                "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                          "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
+                "policy_version": out["policy_version"],
+            }
+
+    return ChatRoute.bind()
+
+
+def start_chat_server(engine_names: Sequence[str], *, model_name: str, defaults: SamplingConfig | None = None,
+                      host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Serve the engines' chat route on ``host:port``; returns the base URL."""
+    import ray
+    from ray import serve
+
+    namespace = ray.get_runtime_context().namespace
+    serve.start(http_options={"host": host, "port": port})
+    app = build_chat_app(engine_names, namespace, model_name, defaults or SamplingConfig(temperature=0.7))
+    serve.run(app, name="rayalign-chat", route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop_chat_server() -> None:
+    from ray import serve
+
+    serve.delete("rayalign-chat")

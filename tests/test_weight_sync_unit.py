@@ -1,0 +1,58 @@
+"""Weight-sync control flow without engines: buckets round-trip, store versions, LoRA payloads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rayalign.rollout.weight_sync import Published, WeightStore, full_payload, lora_payload, write_lora_files
+
+
+def _read_buckets(published):
+    """What a vLLM worker receives: every tensor, read back from the shared-memory files."""
+    import torch
+
+    loaded = {}
+    for b in published.buckets:
+        data = torch.from_file(b.path, shared=True, size=b.nbytes, dtype=torch.uint8)
+        for e in b.entries:
+            loaded[e.name] = data[e.offset:e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape).clone()
+    return loaded
+
+
+def test_buckets_round_trip_in_few_calls():
+    tensors = [(f"layer{i}.weight", torch.randn(64, 33)) for i in range(10)] + [("bf", torch.randn(7).bfloat16())]
+    published = full_payload(1, tensors, bucket_bytes=64 * 33 * 4 * 3)
+    try:
+        assert len(published.buckets) == 4  # 3 + 3 + 3 + (1 + bf16 vector)
+        loaded = _read_buckets(published)
+        assert set(loaded) == {n for n, _ in tensors}
+        for name, t in tensors:
+            assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)
+    finally:
+        store = WeightStore()  # the store owns the files from here on: a newer version removes them
+        store.publish(published)
+        store.publish(Published(version=2, kind="lora", lora_files={"a": b"x"}))
+        assert not any(os.path.exists(b.path) for b in published.buckets)
+
+
+def test_store_versions_only_move_forward():
+    store = WeightStore()
+    assert store.latest().version == 0 and store.latest().kind == "base"
+    store.publish(Published(version=1, kind="lora", lora_files={"adapter_config.json": b"{}"}))
+    with pytest.raises(ValueError, match="not newer"):
+        store.publish(Published(version=1, kind="lora", lora_files={}))
+    assert store.latest_version() == 1
+
+
+def test_lora_payload(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a peft adapter directory"):
+        lora_payload(1, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"123")
+    published = lora_payload(3, tmp_path)
+    assert published.nbytes == 5
+    out = write_lora_files(published, tmp_path / "engine")
+    assert (out / "adapter_model.safetensors").read_bytes() == b"123" and out.name == "v3"
