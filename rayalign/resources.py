@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from rayalign.config import EngineConfig, RayConfig
+from rayalign.config import EngineConfig, JudgeConfig, RayConfig
 from rayalign.models import CACHE_ENV, cache_dir
 
 
@@ -39,11 +39,40 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def engine_actor_options(engine: EngineConfig) -> dict[str, Any]:
-    """Ray actor options for one vLLM engine."""
+def cpu_cores_for_engine(index: int, num_engines: int, cores: list[int] | None = None) -> str:
+    """Engine ``index`` of ``num_engines``'s own contiguous share of ``cores`` (default: the cores this process
+    may run on), as a VLLM_CPU_OMP_THREADS_BIND value. With more engines than cores, engines share round robin.
+
+    vLLM's default binds every engine to the same first core and leaves the rest to its front end; on a 2-core
+    machine binding one engine to both cores gave 333 vs 233 output tokens/s at batch 32 (135M model, bf16).
+    """
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
+    if num_engines >= len(cores):
+        return str(cores[index % len(cores)])
+    share = len(cores) // num_engines
+    return ",".join(str(c) for c in cores[index * share:(index + 1) * share])
+
+
+def _vllm_env(engine: EngineConfig, index: int) -> dict[str, str]:
     env = worker_env()
     if engine.num_gpus == 0:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(engine.cpu_kvcache_gib)
+        if engine.cpu_threads_bind == "split":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores_for_engine(index, engine.num_engines)
+        elif engine.cpu_threads_bind != "vllm":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = engine.cpu_threads_bind
+    return env
+
+
+def judge_replica_options(judge: JudgeConfig) -> dict[str, Any]:
+    """``ray_actor_options`` of each judge Serve replica (Serve restarts replicas that die)."""
+    return {"num_cpus": judge.engine.num_cpus, "num_gpus": judge.engine.num_gpus,
+            "runtime_env": {"env_vars": _vllm_env(judge.engine, 0)}}
+
+
+def engine_actor_options(engine: EngineConfig, index: int = 0) -> dict[str, Any]:
+    """Ray actor options for engine ``index`` of ``engine.num_engines``."""
+    env = _vllm_env(engine, index)
     return {
         "num_cpus": engine.num_cpus,
         "num_gpus": engine.num_gpus,

@@ -37,10 +37,11 @@ class Tracker:
 
         self._mlflow = mlflow
         self.uri = tracking_uri()
+        default_store = TRACKING_URI_ENV not in os.environ  # read before set_tracking_uri, which sets it
         mlflow.set_tracking_uri(self.uri)
         if mlflow.get_experiment_by_name(experiment) is None:
             artifacts = None
-            if self.uri.startswith("sqlite:///") and TRACKING_URI_ENV not in os.environ:
+            if default_store:
                 artifacts = (Path.cwd() / "mlartifacts").as_uri()
             mlflow.create_experiment(experiment, artifact_location=artifacts)
         mlflow.set_experiment(experiment)

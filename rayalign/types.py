@@ -21,3 +21,21 @@ class Rollout:
     finish_reason: str
     policy_version: int
     engine_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+    """A reward for one (prompt, response). ``score`` in [0, 1] and ``reward`` are None when judging failed
+    (unparsable answer, endpoint error): the caller drops that sample and counts it, never treats it as 0."""
+
+    score: float | None
+    reward: float | None
+    raw: str = ""
+    """What the judge itself generated (or a summary of its logprobs)."""
+    error: str | None = None
+    components: tuple[tuple[str, float], ...] = ()
+    """Per-component rewards of a composite, in config order."""
+
+    @property
+    def ok(self) -> bool:
+        return self.reward is not None

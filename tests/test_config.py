@@ -117,7 +117,8 @@ def test_redaction_hides_secrets_only():
 
 def _all_config_classes():
     job = load_job("sample.py")
-    seen, todo = [], [job.SampleConfig, C.ModelConfig, C.RayConfig, C.TrackingConfig, C.SamplingConfig, C.EngineConfig]
+    seen, todo = [], [job.SampleConfig, C.ModelConfig, C.RayConfig, C.TrackingConfig, C.SamplingConfig, C.EngineConfig,
+            C.LoraConfig]
     while todo:
         cls = todo.pop()
         if cls in seen:

@@ -118,6 +118,17 @@ def test_lora_sync_changes_outputs_and_matches_hf(lora_group, model_path, tmp_pa
             assert list(r.response_token_ids[:16]) == hf_greedy(peft_model, r.prompt_token_ids), r.prompt
 
 
+def test_added_engine_starts_on_the_latest_version(lora_group):
+    assert lora_group.version > 0, "run after a LoRA sync"
+    before = lora_group.generate(PROMPTS, GREEDY)
+    lora_group.add_engines(1)  # what autoscaling does
+    infos = lora_group.infos()
+    assert [i["policy_version"] for i in infos] == [lora_group.version] * 2
+    after = lora_group.generate(PROMPTS, GREEDY)
+    assert {r.engine_id for r in after} == {0, 1}
+    assert [r.response_token_ids for r in after] == [r.response_token_ids for r in before]
+
+
 def test_killed_engine_restarts_on_the_latest_version(full_group, local_ray):
     ray = local_ray
     before = full_group.generate(PROMPTS, GREEDY)
@@ -145,6 +156,7 @@ def test_chat_route_serves_the_current_policy(full_group, local_ray):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = start_chat_server(full_group.engine_names, model_name="policy", port=port)
+    assert url.startswith("http://127.0.0.1:")  # bound to localhost
     try:
         body = {"messages": [{"role": "user", "content": "Name a vegetable."}], "max_tokens": 8, "temperature": 0}
         req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
@@ -158,5 +170,16 @@ def test_chat_route_serves_the_current_policy(full_group, local_ray):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(bad, timeout=60)
         assert info.value.code == 400
+
+        # The OpenAI-compatible judge backend, for real over HTTP against this route: every pair comes back
+        # either scored or as an unparsable answer (a 135M policy is no judge), never as a transport error.
+        from rayalign.config import JudgeConfig
+        from rayalign.judge.openai_judge import OpenAIJudge
+
+        judge = OpenAIJudge(JudgeConfig(backend="openai", url=f"{url}/v1", endpoint_model="policy", mode="score"))
+        judgements = judge.judge(["What can I grill?"] * 2, ["Halloumi and vegetables.", "Sausages."])
+        assert len(judgements) == 2
+        for j in judgements:
+            assert (j.score is not None and 0 <= j.score <= 1) or j.error == "unparsable judge answer", j
     finally:
         stop_chat_server()

@@ -59,3 +59,14 @@ def test_failed_run_is_marked_failed(store):
             run_id = tracker.run_id
             raise RuntimeError("boom")
     assert MlflowClient(store).get_run(run_id).info.status == "FAILED"
+
+
+def test_default_store_keeps_runs_and_artifacts_in_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with Tracker("unit-default-store") as tracker:
+        tracker.log_text("hello", "notes/a.txt")
+        artifact_dir = tracker.artifact_dir()
+    assert (tmp_path / "mlflow.db").is_file()
+    assert artifact_dir.startswith((tmp_path / "mlartifacts").as_uri())
+    assert len(list((tmp_path / "mlartifacts").rglob("a.txt"))) == 1

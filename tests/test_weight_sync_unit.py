@@ -56,3 +56,11 @@ def test_lora_payload(tmp_path):
     assert published.nbytes == 5
     out = write_lora_files(published, tmp_path / "engine")
     assert (out / "adapter_model.safetensors").read_bytes() == b"123" and out.name == "v3"
+
+
+def test_cpu_cores_are_split_between_engines():
+    from rayalign.resources import cpu_cores_for_engine
+
+    assert cpu_cores_for_engine(0, 1, [0, 1]) == "0,1"
+    assert [cpu_cores_for_engine(i, 2, [0, 1, 2, 3]) for i in range(2)] == ["0,1", "2,3"]
+    assert [cpu_cores_for_engine(i, 3, [4, 5]) for i in range(3)] == ["4", "5", "4"]

@@ -40,24 +40,39 @@ class RolloutGroup:
                  transport: Literal["lora", "full", "none"] = "lora", max_lora_rank: int = 16, name: str = "policy"):
         import ray
 
-        from rayalign.resources import engine_actor_options
-
-        suffix = uuid.uuid4().hex[:8]
-        namespace = ray.get_runtime_context().namespace
-        self.store_name = f"rayalign-{name}-weights-{suffix}"
+        self._suffix = uuid.uuid4().hex[:8]
+        self._namespace = ray.get_runtime_context().namespace
+        self._name = name
+        self._engine_args = (model_path, model, engine)
+        self._lora_args = {"enable_lora": transport == "lora", "max_lora_rank": max_lora_rank}
+        self.store_name = f"rayalign-{name}-weights-{self._suffix}"
         self.store = ray.remote(WeightStore).options(name=self.store_name, num_cpus=0).remote()
-        actor_cls = ray.remote(VLLMEngine)
-        options = engine_actor_options(engine)
-        self.engines = [
-            actor_cls.options(**options, name=f"rayalign-{name}-engine{i}-{suffix}").remote(
-                model_path, model, engine, i, enable_lora=transport == "lora", max_lora_rank=max_lora_rank,
-                store_name=self.store_name, namespace=namespace)
-            for i in range(engine.num_engines)
-        ]
-        self.engine_names = [f"rayalign-{name}-engine{i}-{suffix}" for i in range(engine.num_engines)]
         self.transport = transport
         self.version = 0
-        self.infos()  # wait until every engine has loaded the model
+        self.engines: list[Any] = []
+        self.engine_names: list[str] = []
+        self.add_engines(engine.num_engines)
+
+    def add_engines(self, count: int) -> None:
+        """Start ``count`` more engines (scaling up). Each applies the latest published version before it is
+        handed work; this returns once they have."""
+        import ray
+
+        from rayalign.resources import engine_actor_options
+
+        model_path, model, engine = self._engine_args
+        total = len(self.engines) + count
+        sized = dataclasses.replace(engine, num_engines=total)
+        actor_cls = ray.remote(VLLMEngine)
+        new = []
+        for i in range(len(self.engines), total):
+            name = f"rayalign-{self._name}-engine{i}-{self._suffix}"
+            new.append(actor_cls.options(**engine_actor_options(sized, i), name=name).remote(
+                model_path, model, engine, i, store_name=self.store_name, namespace=self._namespace,
+                **self._lora_args))
+            self.engine_names.append(name)
+        ray.get([e.info.remote() for e in new])  # wait until every new engine has loaded the model
+        self.engines.extend(new)
 
     def infos(self) -> list[dict[str, Any]]:
         import ray

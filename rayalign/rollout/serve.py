@@ -3,8 +3,8 @@
 The route is a light Serve ingress that forwards each request to one engine actor (round robin); it answers with
 whatever policy version the engines hold. It binds to 127.0.0.1 unless told otherwise.
 
-    POST /v1/chat/completions  {"messages": [...], "max_tokens": 64, "temperature": 0.7}
-    GET  /v1/models
+    POST /chat/v1/chat/completions  {"messages": [...], "max_tokens": 64, "temperature": 0.7}
+    GET  /chat/v1/models
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations at definition time,
@@ -94,15 +94,20 @@ def build_chat_app(engine_names: Sequence[str], namespace: str, model_name: str,
 
 def start_chat_server(engine_names: Sequence[str], *, model_name: str, defaults: SamplingConfig | None = None,
                       host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Serve the engines' chat route on ``host:port``; returns the base URL."""
+    """Serve the engines' chat route on ``host:port``; returns the base URL.
+
+    Serve has one HTTP proxy per cluster: if Serve is already running (a judge deployment started it, say), the
+    route joins it and the URL returned is where that proxy listens, not ``host:port``."""
     import ray
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     namespace = ray.get_runtime_context().namespace
     serve.start(http_options={"host": host, "port": port})
     app = build_chat_app(engine_names, namespace, model_name, defaults or SamplingConfig(temperature=0.7))
-    serve.run(app, name="rayalign-chat", route_prefix="/")
-    return f"http://{host}:{port}"
+    serve.run(app, name="rayalign-chat", route_prefix="/chat")
+    http = _get_global_client().http_config
+    return f"http://{http.host}:{http.port}/chat"
 
 
 def stop_chat_server() -> None:

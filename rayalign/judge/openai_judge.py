@@ -1,0 +1,162 @@
+"""A judge behind any OpenAI-compatible chat endpoint (Ray Serve LLM, a vLLM server, hosted model APIs).
+
+Timeouts, bounded retries with exponential backoff (timeouts, 5xx, 429, connection errors), and a circuit
+breaker: after ``breaker_failures`` requests in a row have failed (each after its retries), the endpoint is
+taken for down and `JudgeUnavailableError` stops the caller, carrying every judgement already made. A request
+that fails or returns an answer that cannot be read is a Judgement with score None -- never a 0.
+The API key is read from the environment variable named in the config and sent only in the request header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from rayalign.config import JudgeConfig
+from rayalign.judge.rubric import SCORE_PREFIX, Rubric, load_rubric, p_yes, parse_score, rubric_path
+from rayalign.judge.scoring import score_to_reward
+from rayalign.types import Judgement
+
+
+class JudgeUnavailableError(RuntimeError):
+    """The judge endpoint kept failing. ``partial`` holds the judgements made before it went down (None where
+    a pair was not judged)."""
+
+    def __init__(self, message: str, partial: list[Judgement | None]):
+        super().__init__(message)
+        self.partial = partial
+
+
+class _Retryable(Exception):
+    pass
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` consecutive failures; any success closes it again."""
+
+    def __init__(self, threshold: int):
+        self.threshold = threshold
+        self.failures = 0
+        self.last_error = ""
+        self._lock = threading.Lock()
+
+    def record(self, ok: bool, error: str = "") -> None:
+        with self._lock:
+            self.failures = 0 if ok else self.failures + 1
+            if not ok:
+                self.last_error = error
+
+    @property
+    def open(self) -> bool:
+        return self.failures >= self.threshold
+
+
+class OpenAIJudge:
+    def __init__(self, config: JudgeConfig, rubric: Rubric | None = None):
+        self.config = config
+        self.rubric = rubric or load_rubric(rubric_path(config.rubric))
+        self.url = config.url.rstrip("/") + "/chat/completions"
+        self._key = None
+        if config.api_key_env:
+            self._key = os.environ.get(config.api_key_env)
+            if not self._key:
+                raise ValueError(f"judge.api_key_env names ${config.api_key_env}, which is not set")
+        self.breaker = CircuitBreaker(config.breaker_failures)
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.timeout_s) as reply:
+                return json.loads(reply.read())
+        except urllib.error.HTTPError as e:
+            if e.code >= 500 or e.code == 429:
+                raise _Retryable(f"HTTP {e.code}") from None
+            raise ValueError(f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}") from None
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise _Retryable(f"{type(reason).__name__}: {reason}") from None
+
+    def _body(self, prompt: str, response: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.config.endpoint_model, "temperature": 0.0,
+                                "messages": self.rubric.messages(prompt, response, self.config.mode)}
+        if self.config.mode == "score":
+            body["max_tokens"] = 12
+        else:
+            body.update(max_tokens=1, logprobs=True, top_logprobs=20)
+        return body
+
+    def _read(self, reply: dict[str, Any]) -> Judgement:
+        try:
+            choice = reply["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            return Judgement(None, None, raw=str(reply)[:200], error="malformed endpoint reply")
+        if self.config.mode == "score":
+            answer = text.strip()
+            if answer.lower().startswith(SCORE_PREFIX.lower()):
+                answer = answer[len(SCORE_PREFIX):]
+            score = parse_score(answer)
+        else:
+            try:
+                top = choice["logprobs"]["content"][0]["top_logprobs"]
+                score = p_yes({t["token"]: t["logprob"] for t in top}, self.rubric.yes, self.rubric.no)
+            except (KeyError, IndexError, TypeError):
+                return Judgement(None, None, raw=text, error="endpoint returned no logprobs")
+        if score is None:
+            return Judgement(None, None, raw=text, error="unparsable judge answer")
+        clamp = (self.config.clamp[0], self.config.clamp[1])
+        return Judgement(score, score_to_reward(score, self.config.transform, clamp), raw=text)
+
+    def judge_one(self, prompt: str, response: str) -> Judgement:
+        if self.breaker.open:
+            raise JudgeUnavailableError(self._down_message(), [])
+        delay = self.config.backoff_s
+        error = ""
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                judgement = self._read(self._post(self._body(prompt, response)))
+                self.breaker.record(True)
+                return judgement
+            except _Retryable as e:
+                error = str(e)
+                if attempt < self.config.max_retries:
+                    time.sleep(delay)
+                    delay *= 2
+            except ValueError as e:  # a 4xx: retrying will not help
+                error = str(e)
+                break
+        self.breaker.record(False, error)
+        return Judgement(None, None, error=f"judge endpoint failed: {error}")
+
+    def _down_message(self) -> str:
+        return (f"judge endpoint {self.url} failed {self.breaker.failures} requests in a row "
+                f"(each after {self.config.max_retries} retries); last error: {self.breaker.last_error}")
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
+        results: list[Judgement | None] = [None] * len(prompts)
+
+        def work(i: int) -> None:
+            results[i] = self.judge_one(prompts[i], responses[i])
+
+        with ThreadPoolExecutor(self.config.concurrency) as pool:
+            futures = [pool.submit(work, i) for i in range(len(prompts))]
+            for f in futures:
+                try:
+                    f.result()
+                except JudgeUnavailableError:
+                    pass
+        if self.breaker.open:
+            raise JudgeUnavailableError(self._down_message(), results)
+        return results  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        pass

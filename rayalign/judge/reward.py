@@ -1,0 +1,97 @@
+"""Rewards from a config: the LLM judge alone, or a weighted sum of judges and rule functions.
+
+Every reward function maps (prompts, responses) to one `Judgement` each. A composite fails a sample when any of
+its components failed on it (the caller drops and counts it); otherwise its reward is sum(w_i * reward_i), its
+score the weighted mean of the component scores, and each component's reward is kept for logging.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+from rayalign.config import JudgeConfig, RewardComponent, RewardConfig
+from rayalign.judge.rules import RULES
+from rayalign.judge.scoring import score_to_reward
+from rayalign.types import Judgement
+
+
+class RewardFunction(Protocol):
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]: ...
+
+
+class RuleReward:
+    def __init__(self, name: str, judge: JudgeConfig):
+        if name not in RULES:
+            raise ValueError(f"unknown rule '{name}' (known: {', '.join(sorted(RULES))})")
+        self.fn = RULES[name]
+        self.transform, self.clamp = judge.transform, (judge.clamp[0], judge.clamp[1])
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
+        scores = [self.fn(p, r) for p, r in zip(prompts, responses)]
+        return [Judgement(s, score_to_reward(s, self.transform, self.clamp)) for s in scores]
+
+
+class JudgeReward:
+    """The LLM judge as a reward function; started on first use, so a composite of rules alone starts none."""
+
+    def __init__(self, config: JudgeConfig):
+        self.config = config
+        self.backend: Any = None
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
+        if self.backend is None:
+            self.backend = build_judge(self.config)
+        return self.backend.judge(prompts, responses)
+
+    def shutdown(self) -> None:
+        if self.backend is not None:
+            self.backend.shutdown()
+
+
+class CompositeReward:
+    def __init__(self, parts: Sequence[tuple[str, float, RewardFunction]]):
+        self.parts = list(parts)
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
+        per_part = [(name, weight, fn(prompts, responses)) for name, weight, fn in self.parts]
+        total_weight = sum(abs(w) for _, w, _ in self.parts) or 1.0
+        out = []
+        for i in range(len(prompts)):
+            failed = [(name, js[i]) for name, _, js in per_part if not js[i].ok]
+            if failed:
+                name, j = failed[0]
+                out.append(Judgement(None, None, raw=j.raw, error=f"{name}: {j.error}"))
+                continue
+            components = tuple((name, js[i].reward) for name, _, js in per_part)
+            reward = sum(w * js[i].reward for _, w, js in per_part)  # type: ignore[operator]
+            score = sum(abs(w) * js[i].score for _, w, js in per_part) / total_weight  # type: ignore[operator]
+            raw = " | ".join(f"{name}: {js[i].raw}" for name, _, js in per_part if js[i].raw)
+            out.append(Judgement(score, reward, raw=raw, components=components))
+        return out
+
+    def shutdown(self) -> None:
+        for _, _, fn in self.parts:
+            if hasattr(fn, "shutdown"):
+                fn.shutdown()
+
+
+def build_judge(config: JudgeConfig) -> Any:
+    """The configured judge backend (an object with ``judge(prompts, responses)`` and ``shutdown()``)."""
+    if config.backend == "openai":
+        from rayalign.judge.openai_judge import OpenAIJudge
+
+        return OpenAIJudge(config)
+    from rayalign.judge.vllm_judge import ServeJudge
+    from rayalign.models import resolve_model
+
+    return ServeJudge(resolve_model(config.model), config)
+
+
+def build_reward(config: RewardConfig) -> CompositeReward:
+    """The reward of a config; ``components`` empty means the judge alone."""
+    components = config.components or (RewardComponent(name="judge", kind="judge", weight=1.0),)
+    judge = JudgeReward(config.judge)
+    parts: list[tuple[str, float, Callable[..., list[Judgement]]]] = []
+    for c in components:
+        parts.append((c.name, c.weight, judge if c.kind == "judge" else RuleReward(c.rule, config.judge)))
+    return CompositeReward(parts)

@@ -1,0 +1,141 @@
+"""The judge model on vLLM: a core that scores batches, and a Ray Serve deployment with request batching.
+
+`JudgeCore` holds one vLLM engine and judges a list of (prompt, response) pairs in one engine call. The Serve
+deployment `JudgeDeployment` wraps it: ``judge`` takes one pair and Serve gathers concurrent requests into
+batches of up to ``max_batch_size`` (``judge_unbatched`` takes the same request without batching, for
+comparison); ``judge_many`` takes a whole list in one request (what the training driver uses).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from rayalign.config import JudgeConfig
+from rayalign.judge.rubric import SCORE_PREFIX, Rubric, load_rubric, p_yes, parse_score, rubric_path
+from rayalign.judge.scoring import score_to_reward
+from rayalign.types import Judgement
+
+
+class JudgeCore:
+    """One vLLM engine running a rubric. Not a Ray actor itself: hosted by a Serve replica (or used directly)."""
+
+    def __init__(self, model_path: str, config: JudgeConfig):
+        from vllm import LLM
+
+        self.config = config
+        self.rubric: Rubric = load_rubric(rubric_path(config.rubric))
+        engine = config.engine
+        kwargs: dict[str, Any] = dict(model=model_path, dtype=config.dtype, max_model_len=engine.max_model_len,
+                                      tensor_parallel_size=engine.tensor_parallel_size,
+                                      enforce_eager=engine.enforce_eager,
+                                      # logprobs after the yes/no restriction: already normalised over the answers
+                                      logprobs_mode="processed_logprobs")
+        if engine.num_gpus > 0:
+            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._answer_ids = self._single_token_ids([self.rubric.yes, self.rubric.no])
+
+    def _single_token_ids(self, words: Sequence[str]) -> list[int]:
+        ids = set()
+        for word in words:
+            for variant in (word, " " + word, word.capitalize(), " " + word.capitalize()):
+                tokens = self.tokenizer.encode(variant, add_special_tokens=False)
+                if len(tokens) == 1:
+                    ids.add(tokens[0])
+        if not ids:
+            raise ValueError(f"none of {list(words)} is a single token for this judge's tokenizer")
+        return sorted(ids)
+
+    def _prompt(self, prompt: str, response: str) -> str:
+        messages = self.rubric.messages(prompt, response, self.config.mode)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # Score mode pre-fills the answer's start so that the number is the first thing the judge writes.
+        return text + SCORE_PREFIX if self.config.mode == "score" else text
+
+    def judge(self, items: Sequence[tuple[str, str]]) -> list[Judgement]:
+        """Judge pairs in one engine call; a pair whose answer cannot be read gets a Judgement with score None."""
+        from vllm import SamplingParams
+
+        if not items:
+            return []
+        prompts = [self._prompt(p, r) for p, r in items]
+        if self.config.mode == "score":
+            params = SamplingParams(temperature=0.0, max_tokens=6)
+        else:
+            params = SamplingParams(temperature=1.0, max_tokens=1, logprobs=len(self._answer_ids),
+                                    allowed_token_ids=self._answer_ids)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [self._read(out.outputs[0]) for out in outputs]
+
+    def _read(self, sample: Any) -> Judgement:
+        if self.config.mode == "score":
+            score = parse_score(sample.text)
+            raw = sample.text
+        else:
+            step = (sample.logprobs or [{}])[0]
+            by_token = {lp.decoded_token or "": lp.logprob for lp in step.values()}
+            score = p_yes(by_token, self.rubric.yes, self.rubric.no)
+            raw = " ".join(f"{t!r}:{lp:.3f}" for t, lp in by_token.items())
+        if score is None:
+            return Judgement(None, None, raw=raw, error="unparsable judge answer")
+        reward = score_to_reward(score, self.config.transform, (self.config.clamp[0], self.config.clamp[1]))
+        return Judgement(score, reward, raw=raw)
+
+
+def judge_deployment(model_path: str, config: JudgeConfig) -> Any:
+    """A bound Serve application hosting `JudgeCore` replicas, with batching and (optional) autoscaling."""
+    from ray import serve
+
+    from rayalign.resources import judge_replica_options
+
+    @serve.deployment(name="rayalign-judge", max_ongoing_requests=max(64, 2 * config.max_batch_size))
+    class JudgeDeployment:
+        def __init__(self) -> None:
+            self.core = JudgeCore(model_path, config)
+
+        @serve.batch(max_batch_size=config.max_batch_size, batch_wait_timeout_s=config.batch_wait_timeout_s)
+        async def judge(self, items: list[tuple[str, str]]) -> list[Judgement]:
+            return self.core.judge(items)
+
+        async def judge_unbatched(self, item: tuple[str, str]) -> Judgement:
+            return self.core.judge([item])[0]
+
+        async def judge_many(self, items: list[tuple[str, str]]) -> list[Judgement]:
+            return self.core.judge(items)
+
+    options: dict[str, Any] = {"ray_actor_options": judge_replica_options(config)}
+    if config.max_replicas > config.num_replicas:
+        options["autoscaling_config"] = {"min_replicas": config.num_replicas, "max_replicas": config.max_replicas,
+                                         "target_ongoing_requests": config.max_batch_size}
+    else:
+        options["num_replicas"] = config.num_replicas
+    return JudgeDeployment.options(**options).bind()
+
+
+class ServeJudge:
+    """Driver-side client of the judge deployment: judges lists, never turns a failure into a score."""
+
+    def __init__(self, model_path: str, config: JudgeConfig, app_name: str = "rayalign-judge"):
+        from ray import serve
+
+        self.config = config
+        self.app_name = app_name
+        started = time.perf_counter()
+        self.handle = serve.run(judge_deployment(model_path, config), name=app_name, route_prefix=None)
+        self.start_seconds = time.perf_counter() - started
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
+        """One request for the whole list (the replica judges it in one engine call)."""
+        try:
+            return self.handle.judge_many.remote(list(zip(prompts, responses))).result(
+                timeout_s=self.config.timeout_s * max(1, len(prompts) / self.config.max_batch_size))
+        except Exception as e:  # the replica died or timed out: every pair failed, none scored 0
+            error = f"judge request failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return [Judgement(None, None, error=error) for _ in prompts]
+
+    def shutdown(self) -> None:
+        from ray import serve
+
+        serve.delete(self.app_name)
