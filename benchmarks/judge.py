@@ -1,8 +1,9 @@
 """Judge throughput: judgements/s at 1, 8 and 32 concurrent requests, three ways, one after the other:
   serve_batched    one request per pair to the Serve deployment, gathered by @serve.batch
   serve_unbatched  the same requests to the same replica's unbatched method
+  serve_one_request  the whole list in one request (`judge_many`, what the training driver sends)
   direct           JudgeCore (the same vLLM engine code) called in this process with the whole batch
-Same judge (SmolLM2, logprob mode, vegetarian rubric), same pairs from the shipped validation set.
+Same judge (the default: SmolLM2, score mode, vegetarian rubric), same pairs from the shipped validation set.
 Last stdout line: one JSON object with the figures and
   ratios.batched_vs_unbatched_32   (target >= 5)
   ratios.serve_vs_direct           serve_batched / direct at 32 (target >= 0.9)
@@ -55,7 +56,7 @@ def main() -> None:
     from rayalign.models import resolve_model
     from rayalign.resources import cpu_cores_for_engine
 
-    config = JudgeConfig(mode="logprob", max_batch_size=32, batch_wait_timeout_s=0.05)
+    config = JudgeConfig()  # the default judge: score mode, batches of up to 32, 0.1 s batch wait
     model_path = resolve_model(config.model)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     judge = ServeJudge(model_path, config)
@@ -67,11 +68,14 @@ def main() -> None:
             return [r.result(timeout_s=600) for r in responses]
         return run
 
-    figures: dict = {"judgements_per_second": {"serve_batched": {}, "serve_unbatched": {}, "direct": {}}}
+    figures: dict = {"judgements_per_second": {"serve_batched": {}, "serve_unbatched": {}, "serve_one_request": {},
+                                               "direct": {}}}
     for c in CONCURRENCY:
         figures["judgements_per_second"]["serve_batched"][str(c)] = round(best(serve("judge"), c, args.repeats), 3)
         figures["judgements_per_second"]["serve_unbatched"][str(c)] = round(
             best(serve("judge_unbatched"), c, args.repeats), 3)
+        figures["judgements_per_second"]["serve_one_request"][str(c)] = round(
+            best(lambda batch: handle.judge_many.remote(batch).result(timeout_s=600), c, args.repeats), 3)
         print(f"concurrency {c}: {figures['judgements_per_second']['serve_batched'][str(c)]} batched, "
               f"{figures['judgements_per_second']['serve_unbatched'][str(c)]} unbatched judgements/s", flush=True)
     judge.shutdown()
@@ -87,6 +91,7 @@ def main() -> None:
     figures["ratios"] = {
         "batched_vs_unbatched_32": round(rates["serve_batched"]["32"] / rates["serve_unbatched"]["32"], 3),
         "serve_vs_direct": round(rates["serve_batched"]["32"] / rates["direct"]["32"], 3),
+        "serve_one_request_vs_direct": round(rates["serve_one_request"]["32"] / rates["direct"]["32"], 3),
     }
     print(json.dumps(figures))
 

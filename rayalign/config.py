@@ -210,7 +210,7 @@ class JudgeConfig:
     """vllm backend: autoscaling upper bound (> num_replicas enables Serve autoscaling)."""
     max_batch_size: int = 32
     """vllm backend: requests a replica gathers into one vLLM call (Serve request batching)."""
-    batch_wait_timeout_s: float = 0.05
+    batch_wait_timeout_s: float = 0.1
     """vllm backend: how long a replica waits to fill a batch."""
     engine: EngineConfig = EngineConfig(max_model_len=2048)
     """vllm backend: the judge's engine settings (tensor_parallel_size, memory...)."""
