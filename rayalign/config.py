@@ -34,6 +34,12 @@ class ConfigError(ValueError):
     """A configuration problem, described in one line."""
 
 
+def require_at_least(key: str, value: int, minimum: int) -> None:
+    """Raise ConfigError unless the int ``value`` of ``key`` is >= ``minimum``."""
+    if value < minimum:
+        raise ConfigError(f"{key}: expected an int >= {minimum}, got {value}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Sections shared by the jobs. Job-specific sections live beside the job's top-level config.
 # --------------------------------------------------------------------------------------------------------------
@@ -71,8 +77,7 @@ class TrackingConfig:
     """Log a table of (prompt, response, ...) samples every this many steps."""
 
     def validate(self) -> None:
-        if self.sample_every < 1:
-            raise ConfigError(f"tracking.sample_every: expected an int >= 1, got {self.sample_every}")
+        require_at_least("tracking.sample_every", self.sample_every, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +102,8 @@ class SamplingConfig:
             raise ConfigError(f"sampling.temperature: expected a float >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"sampling.top_p: expected a float in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"sampling.max_new_tokens: expected an int >= 1, got {self.max_new_tokens}")
-        if self.n < 1:
-            raise ConfigError(f"sampling.n: expected an int >= 1, got {self.n}")
+        require_at_least("sampling.max_new_tokens", self.max_new_tokens, 1)
+        require_at_least("sampling.n", self.n, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +131,8 @@ class EngineConfig:
     else is passed as VLLM_CPU_OMP_THREADS_BIND (e.g. "0-3")."""
 
     def validate(self) -> None:
-        if self.num_engines < 1:
-            raise ConfigError(f"engine.num_engines: expected an int >= 1, got {self.num_engines}")
-        if self.tensor_parallel_size < 1:
-            raise ConfigError(f"engine.tensor_parallel_size: expected an int >= 1, got {self.tensor_parallel_size}")
+        require_at_least("engine.num_engines", self.num_engines, 1)
+        require_at_least("engine.tensor_parallel_size", self.tensor_parallel_size, 1)
         if self.num_gpus == 0 and self.tensor_parallel_size != 1:
             raise ConfigError(
                 f"engine.tensor_parallel_size={self.tensor_parallel_size} needs GPUs, but engine.num_gpus=0 (CPU engines use 1)"
@@ -144,10 +145,8 @@ class EngineConfig:
             raise ConfigError(
                 f"engine.gpu_memory_utilization: expected a float in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if self.max_model_len < 16:
-            raise ConfigError(f"engine.max_model_len: expected an int >= 16, got {self.max_model_len}")
-        if self.cpu_kvcache_gib < 1:
-            raise ConfigError(f"engine.cpu_kvcache_gib: expected an int >= 1, got {self.cpu_kvcache_gib}")
+        require_at_least("engine.max_model_len", self.max_model_len, 16)
+        require_at_least("engine.cpu_kvcache_gib", self.cpu_kvcache_gib, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +161,7 @@ class LoraConfig:
     """Names of the linear layers that get adapters (Llama-style names by default)."""
 
     def validate(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"lora.rank: expected an int >= 1, got {self.rank}")
+        require_at_least("lora.rank", self.rank, 1)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout: expected a float in [0, 1), got {self.dropout}")
         if not self.target_modules:
@@ -229,8 +227,7 @@ class JudgeConfig:
         if not 1 <= self.num_replicas <= self.max_replicas:
             raise ConfigError(f"judge: expected 1 <= num_replicas ({self.num_replicas}) <= max_replicas "
                               f"({self.max_replicas})")
-        if self.max_batch_size < 1:
-            raise ConfigError(f"judge.max_batch_size: expected an int >= 1, got {self.max_batch_size}")
+        require_at_least("judge.max_batch_size", self.max_batch_size, 1)
 
 
 @dataclasses.dataclass(frozen=True)
