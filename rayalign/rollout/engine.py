@@ -73,9 +73,9 @@ class VLLMEngine:
         t0 = time.perf_counter()
         if self._store is None:
             raise RuntimeError("this engine follows no weight store (start it with store_name=...)")
-        published: Published = ray.get(self._store.latest.remote())
-        if published.version == self.policy_version:
+        if ray.get(self._store.latest_version.remote()) == self.policy_version:  # cheap check before the payload
             return {"version": self.policy_version, "applied": False, "seconds": time.perf_counter() - t0}
+        published: Published = ray.get(self._store.latest.remote())
         if published.kind == "lora":
             self._apply_lora(published)
         elif published.kind == "full":
