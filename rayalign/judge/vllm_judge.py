@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from rayalign.config import JudgeConfig
 from rayalign.judge.rubric import SCORE_PREFIX, Rubric, load_rubric, p_yes, parse_score, rubric_path
 from rayalign.judge.scoring import score_to_reward
+from rayalign.rollout.engine import vllm_kwargs
 from rayalign.types import Judgement
 
 
@@ -25,15 +26,8 @@ class JudgeCore:
 
         self.config = config
         self.rubric: Rubric = load_rubric(rubric_path(config.rubric))
-        engine = config.engine
-        kwargs: dict[str, Any] = dict(model=model_path, dtype=config.dtype, max_model_len=engine.max_model_len,
-                                      tensor_parallel_size=engine.tensor_parallel_size,
-                                      enforce_eager=engine.enforce_eager,
-                                      # logprobs after the yes/no restriction: already normalised over the answers
-                                      logprobs_mode="processed_logprobs")
-        if engine.num_gpus > 0:
-            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-        self.llm = LLM(**kwargs)
+        # logprobs after the yes/no restriction: already normalised over the two answers
+        self.llm = LLM(**vllm_kwargs(model_path, config.dtype, config.engine, logprobs_mode="processed_logprobs"))
         self.tokenizer = self.llm.get_tokenizer()
         self._answer_ids = self._single_token_ids([self.rubric.yes, self.rubric.no])
 

@@ -17,6 +17,15 @@ from rayalign.rollout.weight_sync import Published, write_lora_files
 from rayalign.types import Rollout
 
 
+def vllm_kwargs(model_path: str, dtype: str, engine: EngineConfig, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for one engine (rollout or judge) from its config."""
+    kwargs: dict[str, Any] = dict(model=model_path, dtype=dtype, tensor_parallel_size=engine.tensor_parallel_size,
+                                  max_model_len=engine.max_model_len, enforce_eager=engine.enforce_eager, **extra)
+    if engine.num_gpus > 0:
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    return kwargs
+
+
 class VLLMEngine:
     """One vLLM `LLM`; `generate` returns `Rollout`s tagged with the policy version they were sampled with.
 
@@ -30,12 +39,8 @@ class VLLMEngine:
         from vllm import LLM
 
         started = time.perf_counter()
-        kwargs: dict[str, Any] = dict(
-            model=model_path,
-            dtype=model.dtype,
-            tensor_parallel_size=engine.tensor_parallel_size,
-            max_model_len=engine.max_model_len,
-            enforce_eager=engine.enforce_eager,
+        kwargs = vllm_kwargs(
+            model_path, model.dtype, engine,
             trust_remote_code=model.trust_remote_code,
             enable_lora=enable_lora,
             # Logprobs of the distribution actually sampled from (after temperature), which is what the
@@ -45,8 +50,6 @@ class VLLMEngine:
         )
         if enable_lora:
             kwargs.update(max_lora_rank=max_lora_rank, max_loras=1)
-        if engine.num_gpus > 0:
-            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self.engine_id = engine_id
         self.policy_version = 0
