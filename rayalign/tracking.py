@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -108,8 +107,3 @@ class Tracker:
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
     return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
-
-
-def scratch_dir(prefix: str = "rayalign-") -> Path:
-    """A temporary directory for files that are about to be logged as artifacts."""
-    return Path(tempfile.mkdtemp(prefix=prefix))
