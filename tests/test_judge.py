@@ -22,7 +22,8 @@ PAIRS = [("What protein can I add to a salad?", "Chickpeas, lentils or a boiled 
 def serve_judge(local_ray, model_path):
     from rayalign.judge.vllm_judge import ServeJudge
 
-    judge = ServeJudge(model_path, JudgeConfig(mode="logprob", max_batch_size=8))
+    # float32: in bfloat16, P(yes) moves by ~0.03 with the batch a request lands in (batch-shape numerics)
+    judge = ServeJudge(model_path, JudgeConfig(mode="logprob", dtype="float32", max_batch_size=8))
     yield judge
     judge.shutdown()
 
