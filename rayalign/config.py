@@ -65,6 +65,8 @@ class RayConfig:
     """CPUs of the local Ray started by the job (None: all of this machine's). Ignored when joining a cluster."""
     namespace: str = "rayalign"
     """Ray namespace for the job's named actors."""
+    dashboard: bool = True
+    """Start the Ray dashboard (on 127.0.0.1) with a local Ray; Ray Train's controller monitoring uses its state API."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +261,121 @@ class RewardConfig:
         names = [c.name for c in self.components]
         if len(set(names)) != len(names):
             raise ConfigError(f"reward.components: names must be unique, got {names}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    name: Literal["ppo", "grpo", "rloo"] = "ppo"
+    """"ppo": GAE with a value head; "grpo" / "rloo": group baselines over sampling.n responses per prompt, no critic."""
+    epochs: int = 1
+    """Passes over each step's batch."""
+    minibatch_size: int = 8
+    """Sequences per optimizer step, over all learner workers."""
+    clip_eps: float = 0.2
+    """PPO ratio clip."""
+    value_clip_eps: float = 0.2
+    """Value clip around the old values (ppo)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (ppo; the value head shares the policy's backbone)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    gamma: float = 1.0
+    """GAE discount (ppo)."""
+    lam: float = 0.95
+    """GAE lambda (ppo)."""
+    kl_coef: float = 0.05
+    """KL(policy || reference) coefficient (the start value when kl_target is set)."""
+    kl_target: float | None = None
+    """Adaptive KL controller target (Ziegler et al.); null keeps kl_coef fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL controller horizon, in samples."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL penalty goes: shaped into the token rewards (PPO, RLOO) or added to the loss (GRPO)."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the batch (ppo)."""
+
+    def validate(self) -> None:
+        require_at_least("algorithm.epochs", self.epochs, 1)
+        require_at_least("algorithm.minibatch_size", self.minibatch_size, 1)
+        if self.clip_eps <= 0 or self.value_clip_eps <= 0:
+            raise ConfigError("algorithm.clip_eps and algorithm.value_clip_eps must be > 0")
+        if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
+            raise ConfigError("algorithm.kl_coef must be >= 0 and algorithm.kl_target > 0 (or null)")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError("algorithm.gamma and algorithm.lam must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    finetune: Literal["lora", "full"] = "lora"
+    """"lora": train a peft adapter (the reference is the base with the adapter off); "full": every weight (the
+    reference is a frozen copy)."""
+    num_workers: int = 1
+    """Ray Train workers (data parallel, one DeepSpeed rank each)."""
+    num_cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker."""
+    num_gpus_per_worker: float = 0.0
+    """GPUs per worker (0: CPU training, DeepSpeed's CPU accelerator over gloo)."""
+    torch_threads: int | None = None
+    """Intra-op threads per CPU worker (null: the node's cores divided by the workers; Ray would give 1)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Training dtype (bfloat16 uses DeepSpeed's bf16 mode with fp32 master weights)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (0-2: rank 0 holds whole weights to publish)."""
+    lr: float = 5e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up, in optimizer steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one worker (gradients accumulate up to the minibatch)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (saves memory, costs ~30% time)."""
+
+    def validate(self) -> None:
+        require_at_least("learner.num_workers", self.num_workers, 1)
+        require_at_least("learner.micro_batch_size", self.micro_batch_size, 1)
+        if self.torch_threads is not None:
+            require_at_least("learner.torch_threads", self.torch_threads, 1)
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"learner.zero_stage: expected 0, 1 or 2, got {self.zero_stage} (stage 3 shards the "
+                              "weights, which the weight publisher does not gather yet)")
+        if self.lr <= 0:
+            raise ConfigError(f"learner.lr: expected a float > 0, got {self.lr}")
+        if self.num_gpus_per_worker == 0 and self.dtype != "float32":
+            raise ConfigError("learner.dtype: CPU training (num_gpus_per_worker=0) supports float32 only")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    total_steps: int = 10
+    """RL steps (generate, judge, train, sync) to run, counting steps done before a resume."""
+    prompts_per_step: int = 16
+    """Prompts per step; the batch is prompts_per_step * sampling.n responses."""
+    seed: int = 0
+    """Seeds the prompt order, sampling and the learner."""
+    checkpoint_every: int = 5
+    """Checkpoint every this many steps (0: only at the end)."""
+    storage_path: str = "./checkpoints"
+    """Where Ray Train keeps checkpoints: a local directory or a cloud URI (s3://, gs://)."""
+    run_name: str = ""
+    """Checkpoint folder under storage_path (empty: ppo-<date>-<time>, or the latest one when resuming)."""
+    resume: bool = False
+    """Continue the run in storage_path/run_name (the latest run when run_name is empty) from its last checkpoint."""
+    output_dir: str = "./outputs"
+    """Where the final policy is saved in HF format (adapter and merged model), under <output_dir>/<run_name>."""
+
+    def validate(self) -> None:
+        require_at_least("trainer.total_steps", self.total_steps, 1)
+        require_at_least("trainer.prompts_per_step", self.prompts_per_step, 1)
+        require_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
+        if not self.storage_path:
+            raise ConfigError("trainer.storage_path: expected a directory or URI")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from rayalign.config import EngineConfig, JudgeConfig, RayConfig
+from rayalign.config import ConfigError, EngineConfig, JudgeConfig, RayConfig
 from rayalign.models import CACHE_ENV, cache_dir
 
 
@@ -25,9 +25,24 @@ def init_ray(config: RayConfig) -> str:
     address = config.address or os.environ.get("RAY_ADDRESS", "") or "local"
     kwargs: dict[str, Any] = {"address": address, "namespace": config.namespace, "log_to_driver": True}
     if address == "local":
-        kwargs.update(num_cpus=config.num_cpus, include_dashboard=False)
+        kwargs.update(num_cpus=config.num_cpus, include_dashboard=config.dashboard)
     ray.init(**kwargs)
     return address
+
+
+def check_resources(needs: dict[str, float], address: str) -> None:
+    """On a local Ray, raise ConfigError when the actors a job is about to start cannot all fit (they would wait
+    forever). A cluster may autoscale, so there the check is left to Ray."""
+    import ray
+
+    if address != "local":
+        return
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in needs.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{k}: needs {v:g}, has {h:g}" for k, (v, h) in short.items())
+        raise ConfigError(f"the local Ray is too small for this job ({detail}); raise ray.num_cpus (logical CPUs "
+                          "may exceed the cores: the job's phases take turns) or lower the per-actor num_cpus")
 
 
 def worker_env() -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,7 +32,9 @@ def tracking_uri() -> str:
 class Tracker:
     """One MLflow run. Use as a context manager; a run that raises is marked FAILED, not left RUNNING."""
 
-    def __init__(self, experiment: str, *, run_name: str = "", config: Any = None, tags: Mapping[str, str] | None = None):
+    def __init__(self, experiment: str, *, run_name: str = "", config: Any = None, tags: Mapping[str, str] | None = None,
+                 run_id: str | None = None):
+        """``run_id``: continue that run (a resumed job); its params stay, the new config is logged as a file."""
         import mlflow
 
         self._mlflow = mlflow
@@ -44,9 +47,15 @@ class Tracker:
                 artifacts = (Path.cwd() / "mlartifacts").as_uri()
             mlflow.create_experiment(experiment, artifact_location=artifacts)
         mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_name=run_name or None, tags=dict(tags or {}))
+        if run_id:
+            self.run = mlflow.start_run(run_id=run_id)
+        else:
+            self.run = mlflow.start_run(run_name=run_name or None, tags=dict(tags or {}))
         self.run_id: str = self.run.info.run_id
-        if config is not None:
+        if config is not None and run_id:
+            self.log_text(yaml.safe_dump(redact(to_dict(config)), sort_keys=False),
+                          f"config_resumed_{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        elif config is not None:
             self.log_config(config)
 
     def __enter__(self) -> "Tracker":

@@ -79,3 +79,17 @@ def load_prompts(name: str, *, limit: int | None = None, field: str = "prompt") 
     if not prompts:
         raise DatasetError(f"{name}: no usable rows with a non-empty '{field}' string ({skipped} skipped)")
     return PromptSet(prompts=tuple(prompts), source=str(path), skipped=skipped)
+
+
+def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Which prompts step ``step`` (1-based) trains on: a fresh seeded shuffle of the dataset every epoch, read in
+    order. A pure function of (seed, step), so a resumed run sees exactly the prompts the uninterrupted run would."""
+    import random
+
+    out = []
+    for position in range((step - 1) * per_step, step * per_step):
+        epoch, offset = divmod(position, num_prompts)
+        order = list(range(num_prompts))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[offset])
+    return out

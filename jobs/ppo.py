@@ -1,0 +1,319 @@
+"""RLAIF: align a chat policy to a written policy with an LLM judge, using PPO, GRPO or RLOO.
+
+Each step: take the next prompts -> sample responses on the vLLM rollout engines -> score them with the reward
+(an LLM judge on Ray Serve, alone or with rule components) -> the learner (Ray Train workers running DeepSpeed)
+computes old-policy and reference logprobs (and values, PPO) -> advantages here -> clipped-ratio updates ->
+the new weights are published and every engine syncs to them. Samples whose judgement failed are dropped and
+counted (``judge/failures``), never scored 0. Everything goes to MLflow; checkpoints go to Ray Train storage.
+
+The default is the reference case -- a vegetarian grocery chain's food chatbot -- on the embedded SmolLM2-135M
+with LoRA, the CPU vLLM build and DeepSpeed's CPU accelerator, on a local Ray. Departures from the papers:
+the PPO value head shares the policy's backbone (one forward pass gives logits and values, as in TRL's PPO
+v1); the old-policy logprobs are recomputed by the learner rather than taken from the engine (they differ
+slightly; ``rollout/logprob_diff`` shows by how much).
+
+    python jobs/ppo.py                                    # the default: vegetarian chatbot, SmolLM2, LoRA, CPU
+    python jobs/ppo.py trainer.total_steps=2 algorithm.name=grpo sampling.n=4 trainer.prompts_per_step=4
+    python jobs/ppo.py trainer.resume=true                # continue the latest run from its last checkpoint
+    python jobs/ppo.py --config jobs/configs/ppo_gpu.yaml # an 8B policy and a 70B judge on a GPU cluster
+    ray job submit --working-dir . -- python jobs/ppo.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from rayalign import config as C  # noqa: E402
+
+log = logging.getLogger("rayalign.ppo")
+
+DEFAULT_REWARD = C.RewardConfig(  # jobs/configs/reward_cpu_default.yaml: the composite chosen by validate_judge.py
+    judge=C.JudgeConfig(mode="score"),
+    components=(C.RewardComponent(name="judge", kind="judge", weight=0.5),
+                C.RewardComponent(name="lexicon", kind="rule", weight=1.0, rule="vegetarian_lexicon")),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    prompts: str = "builtin:vegetarian/train"
+    """Training prompts: JSONL/Parquet with a `prompt` field, or a shipped dataset `builtin:<name>/<split>`."""
+    limit: int | None = None
+    """Use at most this many prompts (None: all)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOJobConfig:
+    model: C.ModelConfig = C.ModelConfig()
+    """The policy to align (its dtype is the rollout engines' dtype)."""
+    engine: C.EngineConfig = C.EngineConfig()
+    """Rollout engines."""
+    sampling: C.SamplingConfig = C.SamplingConfig(temperature=1.0, max_new_tokens=64)
+    """How responses are sampled during training (sampling.n = group size for GRPO/RLOO)."""
+    reward: C.RewardConfig = DEFAULT_REWARD
+    """The reward: an LLM judge, alone or in a weighted sum with rule functions."""
+    algorithm: C.AlgorithmConfig = C.AlgorithmConfig()
+    """PPO / GRPO / RLOO settings."""
+    learner: C.LearnerConfig = C.LearnerConfig()
+    """Ray Train + DeepSpeed learner."""
+    lora: C.LoraConfig = C.LoraConfig()
+    """The adapter (learner.finetune=lora)."""
+    trainer: C.TrainerConfig = C.TrainerConfig()
+    """Steps, checkpoints, resume, outputs."""
+    data: DataConfig = DataConfig()
+    """Which prompts."""
+    ray: C.RayConfig = C.RayConfig(num_cpus=8)
+    """Which Ray. The local default has 8 logical CPUs whatever the cores: engines, judge and learner each hold
+    one, and they take turns rather than run at once."""
+    tracking: C.TrackingConfig = C.TrackingConfig(experiment="rayalign-ppo", sample_every=5)
+    """Where results go."""
+
+    def validate(self) -> None:
+        if self.sampling.temperature <= 0:
+            raise C.ConfigError("sampling.temperature: training samples need a temperature > 0")
+        if self.algorithm.name in ("grpo", "rloo") and self.sampling.n < 2:
+            raise C.ConfigError(f"sampling.n: {self.algorithm.name} compares responses to the same prompt; "
+                                f"expected n >= 2, got {self.sampling.n}")
+        per_step = self.learner.micro_batch_size * self.learner.num_workers
+        if self.algorithm.minibatch_size % per_step:
+            raise C.ConfigError(f"algorithm.minibatch_size ({self.algorithm.minibatch_size}) must be a multiple of "
+                                f"learner.micro_batch_size x learner.num_workers ({per_step})")
+        if self.learner.finetune == "lora" and self.lora.rank > 64:
+            raise C.ConfigError("lora.rank: the rollout engines accept adapters up to rank 64")
+
+
+@contextmanager
+def timed(times: dict[str, float], phase: str):
+    t0 = time.perf_counter()
+    yield
+    times[f"time/{phase}"] = time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = C.parse_job_config(PPOJobConfig, argv, description=__doc__ or "")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from rayalign.data.prompts import DatasetError, load_prompts, prompt_indices
+    from rayalign.learner.checkpoints import resolve_run
+    from rayalign.models import ModelNotFoundError, resolve_model
+
+    try:
+        dataset = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
+        model_path = resolve_model(cfg.model.name)
+        storage, run_name, resuming = resolve_run(cfg.trainer)
+    except (DatasetError, ModelNotFoundError, C.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+    import torch
+
+    from rayalign.algorithms.kl import AdaptiveKLController, FixedKLController
+    from rayalign.judge.openai_judge import JudgeUnavailableError
+    from rayalign.judge.reward import build_reward
+    from rayalign.learner import rl
+    from rayalign.learner.batch import minibatch_plan, pad_rollouts
+    from rayalign.learner.group import Learner
+    from rayalign.resources import check_resources, init_ray
+    from rayalign.rollout.group import RolloutGroup
+    from rayalign.tracking import Tracker
+
+    algo, trainer = cfg.algorithm, cfg.trainer
+    transport = "lora" if cfg.learner.finetune == "lora" else "full"
+    address = init_ray(cfg.ray)
+    judge_replicas = cfg.reward.judge.max_replicas if cfg.reward.judge.backend == "vllm" and any(
+        c.kind == "judge" for c in cfg.reward.components or (C.RewardComponent(),)) else 0
+    try:
+        check_resources({
+            "CPU": cfg.engine.num_engines * cfg.engine.num_cpus + judge_replicas * cfg.reward.judge.engine.num_cpus
+            + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker,
+            "GPU": cfg.engine.num_engines * cfg.engine.num_gpus + judge_replicas * cfg.reward.judge.engine.num_gpus
+            + cfg.learner.num_workers * cfg.learner.num_gpus_per_worker,
+        }, address)
+    except C.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        ray.shutdown()
+        return 2
+    log.info("run %s in %s (%s); %d prompts from %s", run_name, storage, "resuming" if resuming else "new",
+             len(dataset.prompts), dataset.source)
+
+    # -- build the pieces: learner first (it holds the resumed state), then engines and the reward ----------
+    learner = Learner(model_path, learner=cfg.learner, lora=cfg.lora, algorithm=algo, storage_path=storage,
+                      run_name=run_name, seed=trainer.seed)
+    setup = learner.setup()
+    state = setup["driver_state"] or {"step": 0, "kl_coef": algo.kl_coef, "version": 0, "mlflow_run_id": None,
+                                      "history": []}
+    if resuming and setup["driver_state"] is None:
+        raise RuntimeError(f"Ray Train found no checkpoint to restore in {storage}/{run_name}")
+    kl_ctl = (AdaptiveKLController(state["kl_coef"], algo.kl_target, algo.kl_horizon) if algo.kl_target
+              else FixedKLController(state["kl_coef"]))
+    engines = RolloutGroup(model_path, cfg.model, cfg.engine, transport=transport, max_lora_rank=cfg.lora.rank)
+    if state["version"] > 0:  # a resumed policy: the engines start from the checkpoint's weights
+        learner.publish(engines.store_name, state["version"], transport, cfg.model.dtype)
+        engines.sync()
+    reward_fn = build_reward(cfg.reward)
+
+    tracker = Tracker(cfg.tracking.experiment, run_name=cfg.tracking.run_name or run_name, config=cfg,
+                      run_id=state["mlflow_run_id"],
+                      tags={"job": "ppo", "algorithm": algo.name, "ray_address": address, "checkpoints": storage})
+    state["mlflow_run_id"] = tracker.run_id
+    tracker.log_metrics({"learner/trainable_params": setup["trainable_params"]}, step=state["step"])
+    last_checkpoint = state["step"] if resuming else -1
+    judge_failures_total = int(state.get("judge_failures_total", 0))
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_checkpoint
+        state.update(step=step, kl_coef=kl_ctl.value, judge_failures_total=judge_failures_total)
+        seconds = learner.checkpoint(step, dict(state))
+        last_checkpoint = step
+        log.info("checkpoint of step %d saved to %s/%s (%.1f s)", step, storage, run_name, seconds)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    status = "FINISHED"
+    try:
+        for step in range(state["step"] + 1, trainer.total_steps + 1):
+            times: dict[str, float] = {}
+            t_step = time.perf_counter()
+            indices = prompt_indices(len(dataset.prompts), trainer.prompts_per_step, step, trainer.seed)
+            prompts = [dataset.prompts[i] for i in indices]
+            sampling = dataclasses.replace(cfg.sampling, seed=trainer.seed * 100_003 + step)
+            with timed(times, "generate"):
+                rollouts = engines.generate(prompts, sampling)
+            with timed(times, "judge"):
+                try:
+                    judgements = reward_fn([r.prompt for r in rollouts], [r.response for r in rollouts])
+                except JudgeUnavailableError as e:
+                    if last_checkpoint < step - 1:
+                        checkpoint(step - 1)
+                    raise SystemExit(f"error: the judge is unavailable, stopping at step {step} with steps up to "
+                                     f"{step - 1} checkpointed in {storage}/{run_name}: {e}") from e
+
+            # drop samples (GRPO/RLOO: whole prompt groups) whose judgement failed
+            group = cfg.sampling.n if algo.name in ("grpo", "rloo") else 1
+            failed = sum(not j.ok for j in judgements)
+            judge_failures_total += failed
+            keep = [i for g in range(0, len(rollouts), group)
+                    if all(j.ok for j in judgements[g:g + group]) for i in range(g, g + group)]
+            metrics: dict[str, float] = {"judge/failures": failed, "judge/failures_total": judge_failures_total,
+                                         "samples/kept": len(keep), "samples/dropped": len(rollouts) - len(keep)}
+            if len(keep) < max(group, 1) or len(keep) < cfg.learner.num_workers:
+                log.warning("step %d: every judgement failed (%d); no update this step", step, failed)
+                tracker.log_metrics(metrics, step=step)
+                continue
+            rollouts = [rollouts[i] for i in keep]
+            judgements = [judgements[i] for i in keep]
+            scores = torch.tensor([j.reward for j in judgements], dtype=torch.float32)
+
+            batch = pad_rollouts(rollouts)
+            mask = batch["response_mask"]
+            with timed(times, "logprobs"):
+                old = learner.forward(ray.put(batch), len(rollouts), cfg.sampling.temperature)
+            adv = rl.advantages(algo, scores, mask, old["logprobs"], old["ref_logprobs"], old["values"],
+                                kl_ctl.value, group)
+            batch.update(logprobs=old["logprobs"], ref_logprobs=old["ref_logprobs"], advantages=adv["advantages"])
+            if old["values"] is not None:
+                batch.update(values=old["values"], returns=adv["returns"])
+            plan = minibatch_plan(len(rollouts), algo.minibatch_size, cfg.learner.num_workers,
+                                  cfg.learner.micro_batch_size, algo.epochs,
+                                  torch.Generator().manual_seed(trainer.seed * 100_003 + step))
+            with timed(times, "train"):
+                stats = learner.train(ray.put(batch), plan, cfg.sampling.temperature, kl_ctl.value)
+            with timed(times, "sync"):
+                state["version"] += 1
+                publish = learner.publish(engines.store_name, state["version"], transport, cfg.model.dtype)
+                engines.sync()
+
+            kl = rl.sequence_kl(adv["kl"], mask)
+            kl_used = kl_ctl.value
+            kl_ctl.update(kl, len(rollouts))
+            rewards = [j.reward for j in judgements]
+            lengths = [len(r.response_token_ids) for r in rollouts]
+            times["time/step"] = time.perf_counter() - t_step
+            metrics.update({
+                "reward/mean": statistics.fmean(rewards), "reward/std": statistics.pstdev(rewards),
+                "score/mean": statistics.fmean(j.score for j in judgements),
+                "score/std": statistics.pstdev(j.score for j in judgements),
+                "kl": kl, "kl_coef": kl_used, "response_length/mean": statistics.fmean(lengths),
+                "tokens_per_second": sum(lengths) / times["time/generate"],
+                "rollout/logprob_diff": rl.token_mean((old["logprobs"] - batch["engine_logprobs"]).abs(), mask),
+                "sync/bytes": publish.get("bytes", 0), "policy_version": state["version"], **times,
+                **{f"train/{k}": v for k, v in stats.items()},
+            })
+            for name, _ in judgements[0].components:
+                metrics[f"reward/{name}/mean"] = statistics.fmean(dict(j.components)[name] for j in judgements)
+            tracker.log_metrics(metrics, step=step)
+            state["history"].append({"step": step, "reward": metrics["reward/mean"], "kl": kl,
+                                     "score": metrics["score/mean"]})
+            log.info("step %d/%d reward %.3f (score %.3f) kl %.4f loss %.4f | generate %.1fs judge %.1fs "
+                     "logprobs %.1fs train %.1fs sync %.1fs", step, trainer.total_steps, metrics["reward/mean"],
+                     metrics["score/mean"], kl, stats.get("policy_loss", float("nan")), times["time/generate"],
+                     times["time/judge"], times["time/logprobs"], times["time/train"], times["time/sync"])
+            if step % cfg.tracking.sample_every == 0 or step == 1:
+                tracker.log_table([{"prompt": r.prompt, "response": r.response, "score": j.score,
+                                    "reward": j.reward, "judge": j.raw} for r, j in zip(rollouts, judgements)],
+                                  f"samples/step_{step:05d}.json")
+            if trainer.checkpoint_every and step % trainer.checkpoint_every == 0:
+                checkpoint(step)
+
+        # -- save ---------------------------------------------------------------------------------------------
+        if last_checkpoint < trainer.total_steps:
+            checkpoint(trainer.total_steps)
+        output = Path(trainer.output_dir).expanduser().resolve() / run_name
+        paths = learner.save(str(output), model_path)
+        for kind, path in paths.items():
+            tracker.log_artifact(path, f"model/{kind}" if Path(path).is_dir() else "model")
+        _log_curves(tracker, state["history"])
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        tracker.end(status)
+        reward_fn.shutdown()
+        if status == "FINISHED":
+            learner.shutdown()  # on failure ray.shutdown below takes the workers down with the rest
+        engines.shutdown()
+
+    history = state["history"]
+    if history:
+        first, last = history[0], history[-1]
+        print(f"\nreward {first['reward']:.3f} -> {last['reward']:.3f} (score {first['score']:.3f} -> "
+              f"{last['score']:.3f}), KL {last['kl']:.4f} after {trainer.total_steps} steps ({algo.name}, "
+              f"{cfg.learner.finetune}); judge failures {judge_failures_total}")
+    print(f"MLflow run {tracker.run_id} at {tracker.uri}\ncheckpoints: {storage}/{run_name}\nmodel: "
+          + ", ".join(f"{k} {v}" for k, v in paths.items()))
+    ray.shutdown()
+    return 0
+
+
+def _log_curves(tracker, history: list[dict[str, float]]) -> None:
+    """Reward and KL against step, as one PNG in MLflow."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_r.plot(steps, [h["reward"] for h in history], marker="o", label="reward")
+    ax_r.plot(steps, [h["score"] for h in history], marker=".", label="score")
+    ax_r.set(xlabel="step", title="reward / score (mean)")
+    ax_r.legend()
+    ax_k.plot(steps, [h["kl"] for h in history], marker="o", color="tab:red")
+    ax_k.set(xlabel="step", title="KL(policy || reference) per sequence")
+    fig.tight_layout()
+    tracker.log_figure(fig, "curves.png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

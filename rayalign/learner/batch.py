@@ -1,0 +1,108 @@
+"""Turning rollouts into padded tensors, planning minibatches, and reading per-token logprobs out of logits.
+
+Shapes: B sequences; L = longest prompt + response (right-padded); T = longest response; V = vocabulary.
+Response token ``t`` of sequence ``b`` sits at ``input_ids[b, response_start[b] + t]`` and is predicted by the
+logits at the position before it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from rayalign.types import Rollout
+
+
+def pad_rollouts(rollouts: Sequence[Rollout], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Rollouts -> ``input_ids`` (B, L), ``attention_mask`` (B, L), ``response_start`` (B,), ``response_mask`` (B, T)
+    and ``engine_logprobs`` (B, T) (what the engine reported, for the engine-vs-learner mismatch metric)."""
+    if not rollouts:
+        raise ValueError("cannot pad an empty batch")
+    lengths = [len(r.prompt_token_ids) + len(r.response_token_ids) for r in rollouts]
+    L = max(lengths)
+    T = max(1, max(len(r.response_token_ids) for r in rollouts))
+    B = len(rollouts)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.float32)
+    engine_logprobs = torch.zeros((B, T), dtype=torch.float32)
+    response_start = torch.zeros(B, dtype=torch.long)
+    for b, r in enumerate(rollouts):
+        ids = list(r.prompt_token_ids) + list(r.response_token_ids)
+        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, :len(ids)] = 1
+        response_start[b] = len(r.prompt_token_ids)
+        n = len(r.response_token_ids)
+        response_mask[b, :n] = 1.0
+        if r.logprobs:
+            engine_logprobs[b, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_start": response_start,
+            "response_mask": response_mask, "engine_logprobs": engine_logprobs}
+
+
+def response_positions(response_start: torch.Tensor, T: int, L: int) -> torch.Tensor:
+    """(B,) starts -> (B, T) positions of the logits that predict each response token (clamped inside the row)."""
+    idx = response_start[:, None] - 1 + torch.arange(T, device=response_start.device)[None, :]
+    return idx.clamp(min=0, max=L - 2)
+
+
+def gather_response(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Pick rows of ``hidden`` (B, L, ...) at ``positions`` (B, T) -> (B, T, ...)."""
+    index = positions
+    for _ in range(hidden.dim() - 2):
+        index = index.unsqueeze(-1)
+    return hidden.gather(1, index.expand(*positions.shape, *hidden.shape[2:]))
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the response tokens under ``logits / temperature``.
+
+    logits (B, L, V), input_ids (B, L), positions (B, T) from `response_positions`.
+    Returns logprobs (B, T) and the selected, temperature-scaled float logits (B, T, V) (for the entropy).
+    """
+    selected = gather_response(logits, positions).float() / temperature
+    targets = input_ids.gather(1, positions + 1)
+    logp = torch.log_softmax(selected, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp, selected
+
+
+def minibatch_plan(num_samples: int, minibatch_size: int, num_workers: int, micro_batch_size: int, epochs: int,
+                   generator: torch.Generator) -> list[list[list[list[int]]]]:
+    """Which rows each worker trains on: ``plan[minibatch][rank][micro] = [row indices]`` (-1 = a padding row).
+
+    Each epoch shuffles the rows and cuts them into minibatches of ``minibatch_size`` (the last one padded), so
+    every worker runs the same number of micro-batches per optimizer step: the collective calls line up even when
+    failed judgements left an odd number of samples.
+    """
+    per_step = micro_batch_size * num_workers
+    if minibatch_size % per_step:
+        raise ValueError(f"minibatch_size {minibatch_size} is not a multiple of micro_batch_size x num_workers "
+                         f"({micro_batch_size} x {num_workers})")
+    accumulation = minibatch_size // per_step
+    plan = []
+    for _ in range(epochs):
+        order = torch.randperm(num_samples, generator=generator).tolist()
+        for start in range(0, num_samples, minibatch_size):
+            rows = order[start:start + minibatch_size]
+            rows += [-1] * (minibatch_size - len(rows))
+            # round-robin over ranks so real rows spread evenly when the minibatch is padded
+            per_rank = [rows[r::num_workers] for r in range(num_workers)]
+            plan.append([[part[m * micro_batch_size:(m + 1) * micro_batch_size] for m in range(accumulation)]
+                         for part in per_rank])
+    return plan
+
+
+def select_rows(batch: dict[str, torch.Tensor], rows: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Rows of every (B, ...) tensor in ``batch``; index -1 gives an all-zero row (masked out everywhere)."""
+    index = torch.tensor([max(r, 0) for r in rows], dtype=torch.long)
+    keep = torch.tensor([r >= 0 for r in rows])
+    out = {}
+    for name, t in batch.items():
+        picked = t.index_select(0, index).clone()
+        picked[~keep] = 0
+        out[name] = picked
+    if "attention_mask" in out:
+        out["attention_mask"][~keep, 0] = 1  # a row attending to nothing would make the attention NaN
+    return out

@@ -1,0 +1,186 @@
+"""The driver's handle on the learner: a Ray Train `TorchTrainer` whose workers take commands step by step.
+
+Ray Train owns what it is good at (placing the workers, the torch process group, persisting and restoring
+checkpoints in ``storage_path``); the job's driver owns the RL loop. The two meet in `LearnerHub`, a small async
+actor: the driver posts a command (``forward``, ``train``, ``publish``, ``checkpoint``, ``save``), every worker
+runs it and posts its reply, and `Learner` methods return once all ranks have answered. Large tensors travel
+through the object store (``ray.put`` once per step), never through the hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from rayalign.config import AlgorithmConfig, LearnerConfig, LoraConfig
+
+
+class LearnerError(RuntimeError):
+    """A learner worker failed; the message carries its traceback."""
+
+
+class LearnerHub:
+    """Command queues between the driver and the Ray Train workers (an async actor, no CPUs)."""
+
+    def __init__(self, world_size: int):
+        self.inboxes = [asyncio.Queue() for _ in range(world_size)]
+        self.replies: dict[int, dict[int, Any]] = {}
+        self.done: dict[int, asyncio.Event] = {}
+        self.failure: str | None = None
+        self.failed = asyncio.Event()
+        self.world_size = world_size
+        self.next_id = 0
+
+    async def post(self, name: str, per_rank_kwargs: list[dict[str, Any]]) -> int:
+        command_id, self.next_id = self.next_id, self.next_id + 1
+        self.replies[command_id], self.done[command_id] = {}, asyncio.Event()
+        for rank, inbox in enumerate(self.inboxes):
+            inbox.put_nowait((command_id, name, per_rank_kwargs[rank]))
+        return command_id
+
+    async def next(self, rank: int) -> tuple[int, str, dict[str, Any]]:
+        return await self.inboxes[rank].get()
+
+    async def reply(self, command_id: int, rank: int, result: Any) -> None:
+        self.replies[command_id][rank] = result
+        if len(self.replies[command_id]) == self.world_size:
+            self.done[command_id].set()
+
+    async def fail(self, rank: int, trace: str, command_id: int | None = None) -> None:
+        self.failure = f"learner rank {rank} failed:\n{trace}"
+        self.failed.set()
+
+    async def wait(self, command_id: int, timeout_s: float) -> list[Any]:
+        """All ranks' replies in rank order; raises if any worker failed, or after ``timeout_s``."""
+        done = asyncio.ensure_future(self.done[command_id].wait())
+        failed = asyncio.ensure_future(self.failed.wait())
+        await asyncio.wait([done, failed], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for f in (done, failed):
+            f.cancel()
+        if self.failure is not None:
+            raise LearnerError(self.failure)
+        if not self.done[command_id].is_set():
+            raise LearnerError(f"learner command {command_id} got no reply within {timeout_s:.0f} s")
+        replies = self.replies.pop(command_id)
+        del self.done[command_id]
+        return [replies[r] for r in range(self.world_size)]
+
+
+def _fit(trainer: Any) -> Any:
+    return trainer.fit()
+
+
+class Learner:
+    """``learner.num_workers`` DeepSpeed ranks under one Ray Train run named ``run_name`` in ``storage_path``.
+
+    Reusing a run name resumes it: Ray Train hands the workers the run's latest checkpoint, and `setup`
+    returns the driver state saved with it.
+    """
+
+    def __init__(self, model_path: str, *, learner: LearnerConfig, lora: LoraConfig, algorithm: AlgorithmConfig,
+                 storage_path: str, run_name: str, seed: int, command_timeout_s: float = 3600.0):
+        import ray
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        self.world_size = learner.num_workers
+        self.timeout_s = command_timeout_s
+        namespace = ray.get_runtime_context().namespace
+        hub_name = f"rayalign-learner-hub-{uuid.uuid4().hex[:8]}"
+        self.hub = ray.remote(LearnerHub).options(name=hub_name, num_cpus=0).remote(self.world_size)
+        use_gpu = learner.num_gpus_per_worker > 0
+        resources = {"CPU": learner.num_cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = learner.num_gpus_per_worker
+        spec = {"model_path": model_path, "learner": learner, "lora": lora, "algorithm": algorithm, "seed": seed,
+                "hub_name": hub_name, "namespace": namespace}
+        trainer = TorchTrainer(
+            train_loop_per_worker=_train_loop,
+            train_loop_config=spec,
+            scaling_config=ScalingConfig(num_workers=self.world_size, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(name=run_name, storage_path=storage_path),
+        )
+        # fit() blocks until the workers return, so it runs as a task while the driver sends commands
+        self.fit_ref = ray.remote(_fit).options(num_cpus=0).remote(trainer)
+
+    def _call(self, name: str, per_rank_kwargs: list[dict[str, Any]] | None = None, **kwargs: Any) -> list[Any]:
+        import ray
+
+        per_rank = per_rank_kwargs or [kwargs] * self.world_size
+        command_id = ray.get(self.hub.post.remote(name, per_rank))
+        wait = self.hub.wait.remote(command_id, self.timeout_s)
+        ready, _ = ray.wait([wait, self.fit_ref], num_returns=1)
+        if ready[0] == self.fit_ref and not ray.wait([wait], timeout=1.0)[0]:
+            ray.get(self.fit_ref)  # raises the trainer's own error
+            raise LearnerError(f"the Ray Train run ended before answering '{name}'")
+        return ray.get(wait)
+
+    def setup(self) -> dict[str, Any]:
+        """Wait for the workers to build their engines (and restore the run's checkpoint, if any).
+        Returns rank 0's answer: ``driver_state`` (None on a fresh run), ``trainable_params``, ``threads``."""
+        return self._call("setup")[0]
+
+    def forward(self, batch_ref: Any, num_rows: int, temperature: float) -> dict[str, Any]:
+        """Old logprobs, reference logprobs and values for every row, computed by all ranks in parallel."""
+        import torch
+
+        shards = [list(range(num_rows))[r::self.world_size] for r in range(self.world_size)]
+        replies = self._call("forward", [{"batch_ref": batch_ref, "rows": rows, "temperature": temperature}
+                                         for rows in shards])
+        out: dict[str, Any] = {}
+        order = torch.tensor([i for rows in shards for i in rows]).argsort()
+        for key in ("logprobs", "ref_logprobs", "values"):
+            parts = [r[key] for r in replies if r[key] is not None]
+            if parts:
+                width = max(p.shape[1] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
+                out[key] = torch.cat(parts)[order]
+            else:
+                out[key] = None
+        return out
+
+    def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float) -> dict[str, float]:
+        """One step's updates; returns the statistics averaged over ranks (token-weighted)."""
+        replies = self._call("train", batch_ref=batch_ref, plan=plan, temperature=temperature, kl_coef=kl_coef)
+        tokens = sum(r.get("tokens", 0.0) for r in replies) or 1.0
+        keys = {k for r in replies for k in r} - {"tokens", "optimizer_steps", "lr", "grad_norm"}
+        stats = {k: sum(r.get(k, 0.0) * r.get("tokens", 0.0) for r in replies) / tokens for k in keys}
+        stats.update(optimizer_steps=replies[0]["optimizer_steps"], lr=replies[0]["lr"])
+        if "grad_norm" in replies[0]:
+            stats["grad_norm"] = replies[0]["grad_norm"]
+        return stats
+
+    def publish(self, store_name: str, version: int, transport: str, dtype: str) -> dict[str, Any]:
+        import ray
+
+        namespace = ray.get_runtime_context().namespace
+        return self._call("publish", store_name=store_name, namespace=namespace, version=version,
+                          transport=transport, dtype=dtype)[0]
+
+    def checkpoint(self, step: int, driver_state: dict[str, Any]) -> float:
+        t0 = time.perf_counter()
+        self._call("checkpoint", step=step, driver_state=driver_state)
+        return time.perf_counter() - t0
+
+    def save(self, output_dir: str, tokenizer_path: str) -> dict[str, str]:
+        return self._call("save", output_dir=output_dir, tokenizer_path=tokenizer_path)[0]
+
+    def shutdown(self) -> None:
+        """Stop the workers and wait for the Ray Train run to finish."""
+        import ray
+
+        try:
+            self._call("stop")
+            ray.get(self.fit_ref, timeout=300)
+        finally:
+            ray.kill(self.hub, no_restart=True)
+
+
+def _train_loop(spec: dict[str, Any]) -> None:
+    from rayalign.learner.worker import train_loop
+
+    train_loop(spec)

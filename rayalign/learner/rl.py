@@ -1,0 +1,52 @@
+"""From scores and logprobs to advantages, for each algorithm: the glue between `rayalign.algorithms` and the job.
+
+The driver calls `advantages` once per step, after the learner has returned the old policy's logprobs, the
+reference's logprobs and (PPO) the values. Everything here is tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rayalign.algorithms.advantages import gae, grpo_advantages, rloo_advantages
+from rayalign.algorithms.core import masked_mean, masked_whiten
+from rayalign.algorithms.kl import kl_estimate, kl_shaped_rewards
+from rayalign.config import AlgorithmConfig
+
+
+def advantages(algo: AlgorithmConfig, scores: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
+               ref_logprobs: torch.Tensor, values: torch.Tensor | None, kl_coef: float,
+               group_size: int) -> dict[str, torch.Tensor]:
+    """scores (B,), the rest (B, T). Returns ``advantages`` (B, T), ``returns`` (B, T; PPO only) and ``kl`` (B, T).
+
+    PPO: KL-shaped token rewards (when ``kl_in == "reward"``), GAE, whitening. GRPO / RLOO: a sequence-level
+    advantage from the prompt's group (``group_size`` consecutive rows), the same for every token; with
+    ``kl_in == "reward"`` the sequence KL is subtracted from the score first.
+    """
+    kl = kl_estimate(logprobs, ref_logprobs, algo.kl_estimator) * mask
+    reward_kl_coef = kl_coef if algo.kl_in == "reward" else 0.0
+    if algo.name == "ppo":
+        if values is None:
+            raise ValueError("PPO needs the value head's values")
+        token_rewards = kl_shaped_rewards(scores, kl, mask, reward_kl_coef)
+        adv, returns = gae(token_rewards, values, mask, algo.gamma, algo.lam)
+        if algo.whiten_advantages:
+            adv = masked_whiten(adv, mask)
+        return {"advantages": adv, "returns": returns, "kl": kl}
+    shaped = scores - reward_kl_coef * kl.sum(dim=1)
+    if algo.name == "grpo":
+        seq = grpo_advantages(shaped, group_size)
+    elif algo.name == "rloo":
+        seq = rloo_advantages(shaped, group_size)
+    else:
+        raise ValueError(f"unknown algorithm {algo.name!r}")
+    return {"advantages": seq[:, None] * mask, "kl": kl}
+
+
+def sequence_kl(kl: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over sequences of the summed per-token KL (the figure the KL controller and the charts track)."""
+    return float((kl * mask).sum(dim=1).mean()) if kl.numel() else 0.0
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(masked_mean(x, mask))

@@ -1,0 +1,326 @@
+"""What runs inside each Ray Train worker: a DeepSpeed engine over the policy, serving the driver's commands.
+
+`train_loop` is the ``train_loop_per_worker`` of a `TorchTrainer`. It builds the policy (an HF causal LM, with a
+peft LoRA adapter or fully trainable, plus a value head for PPO), wraps it in DeepSpeed (ZeRO stage from config;
+on CPU DeepSpeed's CPU accelerator over the gloo group Ray Train set up), restores the latest checkpoint Ray Train
+hands it, then waits for commands from the `LearnerHub` actor until told to stop. Every rank runs every command;
+rank 0 alone publishes weights and saves the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+DRIVER_STATE = "driver_state.json"
+DS_TAG = "deepspeed"
+
+
+def _build_policy(model_path: str, learner: Any, lora: Any, value_head: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if learner.dtype == "bfloat16" else torch.float32
+
+    class Policy(torch.nn.Module):
+        """The LM plus an optional scalar value head on its last hidden state (shared backbone)."""
+
+        def __init__(self, lm: torch.nn.Module, hidden_size: int):
+            super().__init__()
+            self.lm = lm
+            self.value_head = torch.nn.Linear(hidden_size, 1) if value_head else None
+            if self.value_head is not None:
+                torch.nn.init.normal_(self.value_head.weight, std=1e-3)
+                torch.nn.init.zeros_(self.value_head.bias)
+
+        def forward(self, input_ids, attention_mask):  # (B, L) -> logits (B, L, V), hidden (B, L, H) | None
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                          output_hidden_states=self.value_head is not None, use_cache=False)
+            hidden = out.hidden_states[-1] if self.value_head is not None else None
+            return out.logits, hidden
+
+    lm = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
+    if learner.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+        lm.enable_input_require_grads()
+    if learner.finetune == "lora":
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    return Policy(lm, lm.config.hidden_size)
+
+
+class LearnerWorker:
+    def __init__(self, spec: dict[str, Any]):
+        import deepspeed
+        import ray.train
+        import torch
+
+        from rayalign.config import AlgorithmConfig, LearnerConfig, LoraConfig
+        from rayalign.learner.batch import minibatch_plan  # noqa: F401  (import check before any work)
+
+        self.spec = spec
+        self.learner: LearnerConfig = spec["learner"]
+        self.algo: AlgorithmConfig = spec["algorithm"]
+        lora: LoraConfig = spec["lora"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if self.learner.num_gpus_per_worker == 0:
+            threads = self.learner.torch_threads or max(1, (os.cpu_count() or 1) // self.learner.num_workers)
+            torch.set_num_threads(threads)
+        torch.manual_seed(spec["seed"] + self.rank)
+
+        self.policy = _build_policy(spec["model_path"], self.learner, lora, value_head=self.algo.name == "ppo")
+        self.reference = None
+        if self.learner.finetune == "full":  # LoRA's reference is the same model with the adapter switched off
+            from transformers import AutoModelForCausalLM
+
+            self.reference = AutoModelForCausalLM.from_pretrained(spec["model_path"],
+                                                                  torch_dtype=self.policy.lm.dtype).eval()
+            self.reference.requires_grad_(False)
+
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.learner.lr, weight_decay=self.learner.weight_decay)
+        warmup = self.learner.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        accumulation = self.algo.minibatch_size // (self.learner.micro_batch_size * self.world)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": self.learner.micro_batch_size,
+            "gradient_accumulation_steps": accumulation,
+            "train_batch_size": self.algo.minibatch_size,
+            "gradient_clipping": self.learner.max_grad_norm,
+            "zero_optimization": {"stage": self.learner.zero_stage},
+            "bf16": {"enabled": self.learner.dtype == "bfloat16"},
+            "steps_per_print": 1 << 30,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=self.policy, optimizer=optimizer,
+                                                    lr_scheduler=scheduler, config=ds_config)
+        self.device = self.engine.device
+
+    # -- commands --------------------------------------------------------------------------------------------
+
+    def setup(self) -> dict[str, Any]:
+        """Restore the checkpoint Ray Train hands this run (if any); rank 0 returns the driver's saved state."""
+        import ray.train
+        import torch
+
+        checkpoint = ray.train.get_checkpoint()
+        state = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                _, client = self.engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False,
+                                                        load_lr_scheduler_states=True)
+                if client and "rng" in client:
+                    torch.set_rng_state(client["rng"][self.rank % len(client["rng"])])
+                state = json.loads((Path(d) / DRIVER_STATE).read_text()) if self.rank == 0 else None
+        trainable = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
+        return {"driver_state": state, "trainable_params": trainable, "rank": self.rank, "pid": os.getpid(),
+                "threads": torch.get_num_threads()}
+
+    def _forward(self, mb: dict[str, Any], temperature: float, reference: bool = False):
+        from rayalign.learner.batch import gather_response, response_positions, token_logprobs
+
+        input_ids = mb["input_ids"].to(self.device)
+        attention_mask = mb["attention_mask"].to(self.device)
+        positions = response_positions(mb["response_start"].to(self.device), mb["response_mask"].shape[1],
+                                       input_ids.shape[1])
+        if reference:
+            if self.reference is not None:
+                logits = self.reference(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            else:
+                with self.policy.lm.disable_adapter():
+                    logits = self.policy.lm(input_ids=input_ids, attention_mask=attention_mask,
+                                            use_cache=False).logits
+            return token_logprobs(logits, input_ids, positions, temperature)[0], None, None
+        logits, hidden = self.engine(input_ids, attention_mask)
+        logprobs, selected = token_logprobs(logits, input_ids, positions, temperature)
+        values = None
+        if hidden is not None:
+            values = self.policy.value_head(gather_response(hidden, positions)).squeeze(-1).float()
+        return logprobs, values, selected
+
+    def forward(self, batch_ref: Any, rows: list[int], temperature: float) -> dict[str, Any]:
+        """Old-policy logprobs, reference logprobs and values (B_rank, T) for ``rows`` of the batch, no gradients."""
+        import ray
+        import torch
+
+        from rayalign.learner.batch import select_rows
+
+        batch = ray.get(batch_ref)
+        out: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": []}
+        micro = self.learner.micro_batch_size
+        self.engine.eval()
+        with torch.no_grad():
+            for start in range(0, len(rows), micro):
+                mb = select_rows(batch, rows[start:start + micro])
+                logprobs, values, _ = self._forward(mb, temperature)
+                ref, _, _ = self._forward(mb, temperature, reference=True)
+                out["logprobs"].append(logprobs.float().cpu())
+                out["ref_logprobs"].append(ref.float().cpu())
+                if values is not None:
+                    out["values"].append(values.cpu())
+        self.engine.train()
+        return {k: torch.cat(v) if v else None for k, v in out.items()}
+
+    def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float) -> dict[str, float]:
+        """PPO-style updates over the driver's plan (``plan[minibatch][rank][micro]`` = row indices).
+
+        Each micro-batch's loss is its token mean scaled by its share of the minibatch's tokens (times the
+        accumulation steps and the world size, which DeepSpeed divides out), so one optimizer step minimises
+        the token mean over the whole minibatch, padding rows included as zeros.
+        """
+        import ray
+        import torch
+
+        from rayalign.algorithms.core import masked_mean
+        from rayalign.algorithms.kl import kl_estimate
+        from rayalign.algorithms.ppo import entropy_from_logits, policy_loss, value_loss
+        from rayalign.learner.batch import select_rows
+
+        batch = ray.get(batch_ref)
+        algo = self.algo
+        sums: dict[str, float] = {}
+        tokens_seen = 0.0
+        grad_norms = []
+        accumulation = len(plan[0][0]) if plan else 1
+        for minibatch in plan:
+            all_rows = [r for part in minibatch for micro in part for r in micro if r >= 0]
+            minibatch_tokens = float(batch["response_mask"][all_rows].sum()) if all_rows else 0.0
+            for micro_rows in minibatch[self.rank]:
+                mb = select_rows(batch, micro_rows)
+                mask = mb["response_mask"].to(self.device)
+                logprobs, values, selected = self._forward(mb, temperature)
+                pg, pg_stats = policy_loss(logprobs, mb["logprobs"].to(self.device), mb["advantages"].to(self.device),
+                                           mask, algo.clip_eps)
+                loss = pg
+                stats = {"policy_loss": pg, **pg_stats}
+                if values is not None:
+                    vf, vf_stats = value_loss(values, mb["values"].to(self.device), mb["returns"].to(self.device),
+                                              mask, algo.value_clip_eps)
+                    loss = loss + algo.vf_coef * vf
+                    stats.update(value_loss=vf, **vf_stats)
+                if algo.kl_in == "loss" and kl_coef > 0:
+                    kl = masked_mean(kl_estimate(logprobs, mb["ref_logprobs"].to(self.device), algo.kl_estimator), mask)
+                    loss = loss + kl_coef * kl
+                    stats["kl_loss"] = kl
+                entropy = masked_mean(entropy_from_logits(selected), mask)
+                if algo.entropy_coef:
+                    loss = loss - algo.entropy_coef * entropy
+                stats["entropy"] = entropy
+                micro_tokens = float(mask.sum())
+                scale = micro_tokens / minibatch_tokens * accumulation * self.world if minibatch_tokens else 0.0
+                self.engine.backward(loss * scale)
+                self.engine.step()
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * micro_tokens
+                tokens_seen += micro_tokens
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                grad_norms.append(float(norm))
+        out = {k: v / tokens_seen for k, v in sums.items()} if tokens_seen else {}
+        out["tokens"] = tokens_seen
+        out["optimizer_steps"] = float(len(plan))
+        if grad_norms:
+            out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["lr"] = float(self.engine.get_lr()[0])
+        return out
+
+    def publish(self, store_name: str, namespace: str, version: int, transport: str, dtype: str) -> dict[str, Any]:
+        """Rank 0 writes the current policy as version ``version`` into the engines' weight store."""
+        if self.rank != 0:
+            return {}
+        import ray
+        import torch
+
+        from rayalign.rollout.weight_sync import full_payload, lora_payload
+
+        t0 = time.perf_counter()
+        store = ray.get_actor(store_name, namespace=namespace)
+        if transport == "lora":
+            with tempfile.TemporaryDirectory(prefix="rayalign-adapter-") as d:
+                self.policy.lm.save_pretrained(d)
+                published = lora_payload(version, d)
+        else:
+            engine_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+            published = full_payload(version, self.policy.lm.state_dict().items(), dtype=engine_dtype)
+        ray.get(store.publish.remote(published))
+        return {"seconds": time.perf_counter() - t0, "bytes": published.nbytes}
+
+    def checkpoint(self, step: int, driver_state: dict[str, Any]) -> dict[str, Any]:
+        """Every rank saves its DeepSpeed state (rank 0 also the driver's) and reports it to Ray Train, which
+        merges the ranks' files into one checkpoint directory in storage."""
+        import ray.train
+        import torch
+        from ray.train import Checkpoint
+
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="rayalign-ckpt-") as d:
+            rng = [torch.get_rng_state()]
+            self.engine.save_checkpoint(d, tag=DS_TAG, client_state={"rng": rng},
+                                        exclude_frozen_parameters=self.learner.finetune == "lora")
+            if self.rank == 0:
+                (Path(d) / DRIVER_STATE).write_text(json.dumps(driver_state))
+            ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint_{step:06d}")
+        return {"seconds": time.perf_counter() - t0}
+
+    def save(self, output_dir: str, tokenizer_path: str) -> dict[str, Any]:
+        """Rank 0 saves the final policy in HF format: the adapter and the merged model (LoRA), or the model."""
+        if self.rank != 0:
+            return {}
+        import copy
+
+        import torch
+        from transformers import AutoTokenizer
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        paths = {}
+        if self.learner.finetune == "lora":
+            self.policy.lm.save_pretrained(out / "adapter")
+            tokenizer.save_pretrained(out / "adapter")
+            paths["adapter"] = str(out / "adapter")
+            copy.deepcopy(self.policy.lm).merge_and_unload().save_pretrained(out / "merged")
+        else:
+            self.policy.lm.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+        paths["merged"] = str(out / "merged")
+        if self.policy.value_head is not None:
+            # clone: under ZeRO the parameters are views into one flat buffer, which torch.save would write whole
+            torch.save({k: v.detach().clone() for k, v in self.policy.value_head.state_dict().items()},
+                       out / "value_head.pt")
+            paths["value_head"] = str(out / "value_head.pt")
+        return paths
+
+
+def train_loop(spec: dict[str, Any]) -> None:
+    """Ray Train entry point: build the worker, then run the hub's commands until "stop"."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if spec["learner"].num_gpus_per_worker == 0 else "cuda")
+    import ray
+    import ray.train
+
+    hub = ray.get_actor(spec["hub_name"], namespace=spec["namespace"])
+    rank = ray.train.get_context().get_world_rank()
+    try:
+        worker = LearnerWorker(spec)
+    except Exception:
+        ray.get(hub.fail.remote(rank, traceback.format_exc()))
+        raise
+    while True:
+        command_id, name, kwargs = ray.get(hub.next.remote(rank))
+        if name == "stop":
+            ray.get(hub.reply.remote(command_id, rank, None))
+            return
+        try:
+            result = getattr(worker, name)(**kwargs)
+        except Exception:
+            ray.get(hub.fail.remote(rank, traceback.format_exc(), command_id))
+            raise
+        ray.get(hub.reply.remote(command_id, rank, result))
