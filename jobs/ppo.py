@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from rayalign.algorithms.kl import AdaptiveKLController, FixedKLController
+    from rayalign.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
     from rayalign.judge.openai_judge import JudgeUnavailableError
     from rayalign.judge.reward import build_reward
     from rayalign.learner import rl
@@ -191,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     judgements = reward_fn([r.prompt for r in rollouts], [r.response for r in rollouts])
                 except JudgeUnavailableError as e:
-                    if last_checkpoint < step - 1:
-                        checkpoint(step - 1)
-                    raise SystemExit(f"error: the judge is unavailable, stopping at step {step} with steps up to "
-                                     f"{step - 1} checkpointed in {storage}/{run_name}: {e}") from e
+                    if 0 < step - 1 and last_checkpoint < step - 1:
+                        checkpoint(step - 1)  # keep every finished step
+                    done = f"steps up to {step - 1} are checkpointed in {storage}/{run_name}" if step > 1 else \
+                        "no step had finished"
+                    raise SystemExit(f"error: the judge is unavailable; stopping at step {step} ({done}): {e}") from e
 
             # drop samples (GRPO/RLOO: whole prompt groups) whose judgement failed
             group = cfg.sampling.n if algo.name in ("grpo", "rloo") else 1
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 engines.sync()
 
             kl = rl.sequence_kl(adv["kl"], mask)
+            kl_k3 = rl.sequence_kl(kl_estimate(old["logprobs"], old["ref_logprobs"], "k3"), mask)  # >= 0, for charts
             kl_used = kl_ctl.value
             kl_ctl.update(kl, len(rollouts))
             rewards = [j.reward for j in judgements]
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 "reward/mean": statistics.fmean(rewards), "reward/std": statistics.pstdev(rewards),
                 "score/mean": statistics.fmean(j.score for j in judgements),
                 "score/std": statistics.pstdev(j.score for j in judgements),
-                "kl": kl, "kl_coef": kl_used, "response_length/mean": statistics.fmean(lengths),
+                "kl": kl, "kl/k3": kl_k3, "kl_coef": kl_used, "response_length/mean": statistics.fmean(lengths),
                 "tokens_per_second": sum(lengths) / times["time/generate"],
                 "rollout/logprob_diff": rl.token_mean((old["logprobs"] - batch["engine_logprobs"]).abs(), mask),
                 "sync/bytes": publish.get("bytes", 0), "policy_version": state["version"], **times,

@@ -37,7 +37,7 @@ shift || true
 case "$cmd" in
   run)
     setup
-    exec "$venv/bin/python" jobs/sample.py "$@"
+    exec "$venv/bin/python" jobs/ppo.py "$@"
     ;;
   test)
     setup

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Literal
@@ -117,7 +118,7 @@ def test_redaction_hides_secrets_only():
 
 def _all_config_classes():
     job = load_job("sample.py")
-    seen, todo = [], [job.SampleConfig, C.ModelConfig, C.RayConfig, C.TrackingConfig, C.SamplingConfig, C.EngineConfig,
+    seen, todo = [], [job.SampleConfig, load_job("ppo.py").PPOJobConfig, C.ModelConfig, C.RayConfig, C.TrackingConfig, C.SamplingConfig, C.EngineConfig,
             C.LoraConfig]
     while todo:
         cls = todo.pop()
@@ -177,3 +178,27 @@ def test_shipped_yaml_configs_load():
     assert paths, "no shipped sample configs"
     for path in paths:
         C.load_config(job.SampleConfig, path)
+
+
+def test_shipped_ppo_configs_load_and_the_default_matches():
+    job = load_job("ppo.py")
+    gpu = C.load_config(job.PPOJobConfig, ROOT / "jobs" / "configs" / "ppo_gpu.yaml")
+    assert gpu.learner.num_gpus_per_worker == 1 and gpu.reward.judge.engine.tensor_parallel_size == 4
+    assert gpu.model.name.endswith("8B-Instruct") and "70B" in gpu.reward.judge.model
+    assert C.load_config(job.PPOJobConfig, ROOT / "jobs" / "configs" / "ppo.yaml") == job.PPOJobConfig()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["algorithm.name=grpo"], "sampling.n: grpo compares responses to the same prompt"),
+        (["algorithm.minibatch_size=6"], "must be a multiple of learner.micro_batch_size"),
+        (["sampling.temperature=0"], "training samples need a temperature > 0"),
+        (["learner.zero_stage=3"], "learner.zero_stage: expected 0, 1 or 2"),
+        (["learner.dtype=bfloat16"], "CPU training (num_gpus_per_worker=0) supports float32 only"),
+    ],
+)
+def test_ppo_cross_field_rules(overrides, expected):
+    job = load_job("ppo.py")
+    with pytest.raises(C.ConfigError, match=re.escape(expected)):
+        C.load_config(job.PPOJobConfig, None, overrides)

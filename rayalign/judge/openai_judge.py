@@ -3,7 +3,8 @@
 Timeouts, bounded retries with exponential backoff (timeouts, 5xx, 429, connection errors), and a circuit
 breaker: after ``breaker_failures`` requests in a row have failed (each after its retries), the endpoint is
 taken for down and `JudgeUnavailableError` stops the caller, carrying every judgement already made. A request
-that fails or returns an answer that cannot be read is a Judgement with score None -- never a 0.
+that fails or returns an answer that cannot be read is a Judgement with score None -- never a 0. ``compare``
+asks the same endpoint which of two responses is better (pairwise evaluation, `rayalign.judge.pairwise`).
 The API key is read from the environment variable named in the config and sent only in the request header.
 """
 
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from rayalign.config import JudgeConfig
+from rayalign.judge.pairwise import Choice, pairwise_messages, parse_choice
 from rayalign.judge.rubric import SCORE_PREFIX, Rubric, load_rubric, p_yes, parse_score, rubric_path
 from rayalign.judge.scoring import score_to_reward
 from rayalign.types import Judgement
@@ -116,16 +118,18 @@ class OpenAIJudge:
         clamp = (self.config.clamp[0], self.config.clamp[1])
         return Judgement(score, score_to_reward(score, self.config.transform, clamp), raw=text)
 
-    def judge_one(self, prompt: str, response: str) -> Judgement:
+    def _call(self, body: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """POST ``body`` with retries and backoff: ``(reply, "")``, or ``(None, error)`` once retries are spent.
+        Raises JudgeUnavailableError when the breaker is already open."""
         if self.breaker.open:
             raise JudgeUnavailableError(self._down_message(), [])
         delay = self.config.backoff_s
         error = ""
         for attempt in range(self.config.max_retries + 1):
             try:
-                judgement = self._read(self._post(self._body(prompt, response)))
+                reply = self._post(body)
                 self.breaker.record(True)
-                return judgement
+                return reply, ""
             except _Retryable as e:
                 error = str(e)
                 if attempt < self.config.max_retries:
@@ -135,7 +139,27 @@ class OpenAIJudge:
                 error = str(e)
                 break
         self.breaker.record(False, error)
-        return Judgement(None, None, error=f"judge endpoint failed: {error}")
+        return None, error
+
+    def judge_one(self, prompt: str, response: str) -> Judgement:
+        reply, error = self._call(self._body(prompt, response))
+        if reply is None:
+            return Judgement(None, None, error=f"judge endpoint failed: {error}")
+        return self._read(reply)
+
+    def compare_one(self, prompt: str, first: str, second: str) -> Choice | None:
+        """Which response better meets the rubric, "A" (first) or "B"; None when the request failed or the reply
+        does not start with a clear choice."""
+        body = {"model": self.config.endpoint_model, "temperature": 0.0, "max_tokens": 8,
+                "messages": pairwise_messages(self.rubric, prompt, first, second)}
+        reply, _ = self._call(body)
+        if reply is None:
+            return None
+        try:
+            text = reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            return None
+        return parse_choice(text)
 
     def _down_message(self) -> str:
         return (f"judge endpoint {self.url} failed {self.breaker.failures} requests in a row "
@@ -157,6 +181,23 @@ class OpenAIJudge:
         if self.breaker.open:
             raise JudgeUnavailableError(self._down_message(), results)
         return results  # type: ignore[return-value]
+
+    def compare(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> list[Choice | None]:
+        """Pairwise comparisons, ``concurrency`` requests in flight (the batched form `pairwise.win_rate` takes)."""
+        results: list[Choice | None] = [None] * len(prompts)
+
+        def work(i: int) -> None:
+            results[i] = self.compare_one(prompts[i], firsts[i], seconds[i])
+
+        with ThreadPoolExecutor(self.config.concurrency) as pool:
+            for f in [pool.submit(work, i) for i in range(len(prompts))]:
+                try:
+                    f.result()
+                except JudgeUnavailableError:
+                    pass
+        if self.breaker.open:
+            raise JudgeUnavailableError(self._down_message(), [])
+        return results
 
     def shutdown(self) -> None:
         pass

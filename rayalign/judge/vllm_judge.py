@@ -3,19 +3,25 @@
 `JudgeCore` holds one vLLM engine and judges a list of (prompt, response) pairs in one engine call. The Serve
 deployment `JudgeDeployment` wraps it: ``judge`` takes one pair and Serve gathers concurrent requests into
 batches of up to ``max_batch_size`` (``judge_unbatched`` takes the same request without batching, for
-comparison); ``judge_many`` takes a whole list in one request (what the training driver uses).
+comparison); ``judge_many`` takes a whole list in one request (what the training driver uses); ``compare_many``
+takes a list of (prompt, first, second) and says which response is better, from P("A") vs P("B") of the first
+answer token (pairwise evaluation, `rayalign.judge.pairwise`).
 """
 
 from __future__ import annotations
 
 import time
+import logging
 from typing import Any, Sequence
 
 from rayalign.config import JudgeConfig
+from rayalign.judge.pairwise import Choice, choice_from_logprobs, pairwise_messages
 from rayalign.judge.rubric import SCORE_PREFIX, Rubric, load_rubric, p_yes, parse_score, rubric_path
 from rayalign.judge.scoring import score_to_reward
 from rayalign.rollout.engine import vllm_kwargs
 from rayalign.types import Judgement
+
+log = logging.getLogger(__name__)
 
 
 class JudgeCore:
@@ -30,6 +36,7 @@ class JudgeCore:
         self.llm = LLM(**vllm_kwargs(model_path, config.dtype, config.engine, logprobs_mode="processed_logprobs"))
         self.tokenizer = self.llm.get_tokenizer()
         self._answer_ids = self._single_token_ids([self.rubric.yes, self.rubric.no])
+        self._choice_ids = self._single_token_ids(["A", "B"])
 
     def _single_token_ids(self, words: Sequence[str]) -> list[int]:
         ids = set()
@@ -62,6 +69,25 @@ class JudgeCore:
                                     allowed_token_ids=self._answer_ids)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [self._read(out.outputs[0]) for out in outputs]
+
+    def compare(self, items: Sequence[tuple[str, str, str]]) -> list[Choice | None]:
+        """For each (prompt, first, second): "A" when the judge prefers the first response, else "B", by the
+        first answer token restricted to A/B (P(A) vs P(B), steadier than a sampled letter for a small judge)."""
+        from vllm import SamplingParams
+
+        if not items:
+            return []
+        prompts = [self.tokenizer.apply_chat_template(pairwise_messages(self.rubric, p, a, b),
+                                                      add_generation_prompt=True, tokenize=False)
+                   for p, a, b in items]
+        params = SamplingParams(temperature=1.0, max_tokens=1, logprobs=len(self._choice_ids),
+                                allowed_token_ids=self._choice_ids)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        choices = []
+        for out in outputs:
+            step = (out.outputs[0].logprobs or [{}])[0]
+            choices.append(choice_from_logprobs({lp.decoded_token or "": lp.logprob for lp in step.values()}))
+        return choices
 
     def _read(self, sample: Any) -> Judgement:
         if self.config.mode == "score":
@@ -99,6 +125,9 @@ def judge_deployment(model_path: str, config: JudgeConfig) -> Any:
         async def judge_many(self, items: list[tuple[str, str]]) -> list[Judgement]:
             return self.core.judge(items)
 
+        async def compare_many(self, items: list[tuple[str, str, str]]) -> list[Choice | None]:
+            return self.core.compare(items)
+
     options: dict[str, Any] = {"ray_actor_options": judge_replica_options(config)}
     if config.max_replicas > config.num_replicas:
         options["autoscaling_config"] = {"min_replicas": config.num_replicas, "max_replicas": config.max_replicas,
@@ -128,6 +157,17 @@ class ServeJudge:
         except Exception as e:  # the replica died or timed out: every pair failed, none scored 0
             error = f"judge request failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             return [Judgement(None, None, error=error) for _ in prompts]
+
+    def compare(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> list[Choice | None]:
+        """Pairwise comparisons in one request (the batched form `pairwise.win_rate` takes); a failed request
+        is None for every pair (counted as failed comparisons, never as a choice)."""
+        try:
+            return self.handle.compare_many.remote(list(zip(prompts, firsts, seconds))).result(
+                timeout_s=self.config.timeout_s * max(1, len(prompts) / self.config.max_batch_size))
+        except Exception as e:
+            log.warning("pairwise judge request failed: %s: %s", type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+            return [None] * len(prompts)
 
     def shutdown(self) -> None:
         from ray import serve

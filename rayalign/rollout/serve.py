@@ -3,6 +3,7 @@
 The route is a light Serve ingress that forwards each request to one engine actor (round robin); it answers with
 whatever policy version the engines hold. It binds to 127.0.0.1 unless told otherwise.
 
+    GET  /chat/                     a chat page (rayalign/rollout/chat.html) for a person to try the model
     POST /chat/v1/chat/completions  {"messages": [...], "max_tokens": 64, "temperature": 0.7}
     GET  /chat/v1/models
 """
@@ -51,11 +52,15 @@ def parse_chat_request(body: Any, defaults: SamplingConfig) -> tuple[list[dict[s
 
 def build_chat_app(engine_names: Sequence[str], namespace: str, model_name: str, defaults: SamplingConfig) -> Any:
     """A bound Serve application; run it with `start_chat_server`."""
+    import importlib.resources
+
     import ray
     from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse
     from ray import serve
 
     api = FastAPI(title="rayalign policy")
+    page = importlib.resources.files("rayalign.rollout").joinpath("chat.html").read_text()
 
     @serve.deployment(name="rayalign-chat", num_replicas=1, ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
@@ -63,6 +68,10 @@ def build_chat_app(engine_names: Sequence[str], namespace: str, model_name: str,
         def __init__(self) -> None:
             self.engines = [ray.get_actor(n, namespace=namespace) for n in engine_names]
             self.turn = 0
+
+        @api.get("/", response_class=HTMLResponse)
+        async def chat_page(self) -> str:
+            return page
 
         @api.get("/v1/models")
         async def models(self) -> dict[str, Any]:

@@ -1,0 +1,121 @@
+"""The learner's pure parts: padding, logprob gathering, minibatch plans, advantages per algorithm, prompt order,
+run resolution. No Ray, no model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rayalign.config import AlgorithmConfig, ConfigError, TrainerConfig
+from rayalign.data.prompts import prompt_indices
+from rayalign.learner import rl
+from rayalign.learner.batch import minibatch_plan, pad_rollouts, response_positions, select_rows, token_logprobs
+from rayalign.learner.checkpoints import resolve_run
+from rayalign.types import Rollout
+
+
+def _rollout(prompt_ids, response_ids, logprobs=None):
+    return Rollout(prompt="p", response="r", prompt_token_ids=tuple(prompt_ids), response_token_ids=tuple(response_ids),
+                   logprobs=tuple(logprobs or [-1.0] * len(response_ids)), finish_reason="stop", policy_version=0,
+                   engine_id=0)
+
+
+def test_pad_rollouts_layout():
+    batch = pad_rollouts([_rollout([5, 6, 7], [8, 9], [-0.5, -0.25]), _rollout([5], [4, 3, 2])])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 3, 2, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch["response_start"].tolist() == [3, 1]
+    assert batch["response_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch["engine_logprobs"][0].tolist() == [-0.5, -0.25, 0.0]
+    with pytest.raises(ValueError):
+        pad_rollouts([])
+
+
+def test_token_logprobs_pick_the_predicting_position():
+    batch = pad_rollouts([_rollout([1, 2], [3, 0]), _rollout([1], [2, 3])])
+    V = 4
+    logits = torch.randn(2, batch["input_ids"].shape[1], V)
+    positions = response_positions(batch["response_start"], 2, batch["input_ids"].shape[1])
+    logp, selected = token_logprobs(logits, batch["input_ids"], positions, temperature=0.5)
+    assert positions.tolist() == [[1, 2], [0, 1]]
+    # by hand: response token t of row b is input_ids[b, start + t], predicted by logits[b, start + t - 1]
+    for b, start in enumerate([2, 1]):
+        for t in range(2):
+            expected = torch.log_softmax(logits[b, start + t - 1] / 0.5, -1)[batch["input_ids"][b, start + t]]
+            assert math.isclose(logp[b, t].item(), expected.item(), rel_tol=1e-5)
+    assert selected.shape == (2, 2, V)
+
+
+def test_minibatch_plan_covers_rows_once_per_epoch_and_pads_evenly():
+    plan = minibatch_plan(num_samples=10, minibatch_size=8, num_workers=2, micro_batch_size=2, epochs=2,
+                          generator=torch.Generator().manual_seed(0))
+    assert len(plan) == 4  # 2 minibatches per epoch (8 + 2 real rows), 2 epochs
+    for epoch in (plan[:2], plan[2:]):
+        rows = [r for mb in epoch for rank in mb for micro in rank for r in micro]
+        assert sorted(r for r in rows if r >= 0) == list(range(10))
+        assert rows.count(-1) == 6
+    for mb in plan:  # every rank runs the same number of equally sized micro-batches: collectives line up
+        assert [len(rank) for rank in mb] == [2, 2]
+        assert all(len(micro) == 2 for rank in mb for micro in rank)
+    with pytest.raises(ValueError, match="not a multiple"):
+        minibatch_plan(10, 6, 2, 2, 1, torch.Generator())
+
+
+def test_select_rows_pads_with_masked_rows_that_still_attend_somewhere():
+    batch = pad_rollouts([_rollout([1, 2], [3]), _rollout([4], [5, 6])])
+    picked = select_rows(batch, [1, -1])
+    assert picked["input_ids"][0].tolist() == batch["input_ids"][1].tolist()
+    assert picked["response_mask"][1].sum() == 0
+    assert picked["attention_mask"][1].tolist() == [1, 0, 0]
+
+
+def test_grpo_and_rloo_advantages_by_hand():
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    zeros = torch.zeros(4, 2)
+    grpo = rl.advantages(AlgorithmConfig(name="grpo", kl_in="loss"), scores, mask, zeros, zeros, None, 0.1, 2)
+    # group 1: mean 2, std 1 -> -1, +1 (every real token); group 2: identical scores -> 0
+    assert torch.allclose(grpo["advantages"], torch.tensor([[-1.0, -1.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]),
+                          atol=1e-5)
+    rloo = rl.advantages(AlgorithmConfig(name="rloo"), scores, mask, zeros, zeros, None, 0.1, 2)
+    assert torch.allclose(rloo["advantages"][:, 0], torch.tensor([-2.0, 2.0, 0.0, 0.0]))
+    # KL in the reward: sequence KL (sum over tokens) * coef comes off the score before the baseline
+    logprobs = torch.tensor([[0.5, 0.5], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    shaped = rl.advantages(AlgorithmConfig(name="rloo", kl_in="reward"), scores, mask, logprobs, zeros, None, 1.0, 2)
+    assert torch.allclose(shaped["advantages"][:, 0], torch.tensor([-3.0, 3.0, 0.0, 0.0]))
+
+
+def test_ppo_advantages_use_the_values_and_shaped_rewards():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.25, 9.0]])
+    out = rl.advantages(AlgorithmConfig(name="ppo", whiten_advantages=False, gamma=1.0, lam=1.0, kl_in="reward"),
+                        torch.tensor([1.0]), mask, torch.tensor([[0.2, 0.0, 0.0]]), torch.zeros(1, 3), values, 0.5, 1)
+    # token rewards: [-0.5*0.2, 1.0]; with gamma = lam = 1 the advantage is the reward-to-go minus V
+    assert torch.allclose(out["advantages"], torch.tensor([[0.9 - 0.5, 1.0 - 0.25, 0.0]]))
+    assert torch.allclose(out["returns"], torch.tensor([[0.9, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="value head"):
+        rl.advantages(AlgorithmConfig(name="ppo"), torch.tensor([1.0]), mask, values, values, None, 0.5, 1)
+
+
+def test_prompt_order_is_a_pure_function_of_seed_and_step():
+    first_epoch = [i for step in range(1, 6) for i in prompt_indices(10, 2, step, seed=3)]
+    assert sorted(first_epoch) == list(range(10))  # every prompt once per epoch
+    assert prompt_indices(10, 2, 4, seed=3) == prompt_indices(10, 2, 4, seed=3)
+    assert first_epoch != [i for step in range(1, 6) for i in prompt_indices(10, 2, step, seed=4)]
+    second_epoch = [i for step in range(6, 11) for i in prompt_indices(10, 2, step, seed=3)]
+    assert sorted(second_epoch) == list(range(10)) and second_epoch != first_epoch
+
+
+def test_resolve_run(tmp_path):
+    storage, name, resuming = resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="a"))
+    assert (storage, name, resuming) == (str(tmp_path), "a", False)
+    with pytest.raises(ConfigError, match="no run with a checkpoint"):
+        resolve_run(TrainerConfig(storage_path=str(tmp_path), resume=True))
+    (tmp_path / "a" / "checkpoint_000003").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="a"))
+    assert resolve_run(TrainerConfig(storage_path=str(tmp_path), resume=True)) == (str(tmp_path), "a", True)
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="b", resume=True))

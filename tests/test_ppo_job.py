@@ -1,0 +1,199 @@
+"""jobs/ppo.py end to end on the real SmolLM2: CPU vLLM engines, the judge on Ray Serve (or an OpenAI-compatible
+endpoint), a Ray Train + DeepSpeed learner, MLflow. Each test starts its own job (its own local Ray), as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_job
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["trainer.prompts_per_step=4", "sampling.max_new_tokens=32", "tracking.sample_every=1"]
+
+
+def _runs(cwd: Path, experiment: str = "rayalign-ppo"):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id])
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_two_steps_with_the_default_reward(tmp_path, model_path):
+    result = run_job("ppo.py", "trainer.total_steps=2", "trainer.checkpoint_every=1", *SMALL, cwd=tmp_path,
+                     timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "MLflow run" in result.stdout and "reward" in result.stdout
+
+    client, runs = _runs(tmp_path)
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    for key in ("reward/mean", "reward/std", "score/mean", "kl", "train/policy_loss", "train/value_loss",
+                "train/entropy", "train/clip_frac", "response_length/mean", "tokens_per_second", "time/generate",
+                "time/judge", "time/logprobs", "time/train", "time/sync", "judge/failures", "reward/judge/mean",
+                "reward/lexicon/mean"):
+        assert _steps(client, run.info.run_id, key) == [1, 2], key
+    assert run.data.metrics["policy_version"] == 2
+    assert run.data.metrics["kl"] > 0  # the policy moved away from the reference after the first update
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "curves.png", "samples", "model"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/adapter", "model/merged"}
+
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]
+    state = json.loads((run_dir / "checkpoint_000002" / "driver_state.json").read_text())
+    assert state["step"] == 2 and state["version"] == 2
+    merged = tmp_path / "outputs" / run_dir.name / "merged"
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+
+
+# --- a judge endpoint that fails some requests, and a run killed after a checkpoint then resumed ------------------
+
+
+class _FlakyJudge(BaseHTTPRequestHandler):
+    """OpenAI-compatible chat completions: every third request gets an answer with no score in it."""
+
+    count = 0
+    lock = threading.Lock()
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            type(self).count += 1
+            n = self.count
+        content = "I would rather not grade this." if n % 3 == 0 else " 0.8"
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky_judge():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the job and everything it started (its local Ray included): they share its session."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    sid = proc.pid
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            if os.getsid(pid) == sid:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def test_failed_judgements_are_dropped_and_a_killed_run_resumes_exactly(tmp_path, flaky_judge, model_path):
+    from rayalign.data.prompts import load_prompts, prompt_indices
+
+    args = [*SMALL, "trainer.checkpoint_every=1", "trainer.run_name=resumable", "reward.judge.backend=openai",
+            f"reward.judge.url={flaky_judge}", "reward.judge.endpoint_model=stub", "reward.components=[]"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "ppo.py"), "trainer.total_steps=3", *args],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while "checkpoint of step 1 saved" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.time() < deadline, "no checkpoint within 10 minutes"
+            time.sleep(1)
+    finally:
+        _kill_tree(proc)
+    assert "step 2/3" not in log_path.read_text()  # killed during step 2
+
+    result = run_job("ppo.py", "trainer.total_steps=2", "trainer.resume=true", *args, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "(resuming)" in result.stderr
+
+    client, runs = _runs(tmp_path)
+    (run,) = runs  # the resumed job continues the same MLflow run
+    run_id = run.info.run_id
+    assert _steps(client, run_id, "reward/mean") == [1, 2]  # step 1 from the first job, step 2 from the resumed one
+    # the resumed step trained on exactly the prompts the uninterrupted run would have used
+    dataset = load_prompts("builtin:vegetarian/train")
+    expected = [dataset.prompts[i] for i in prompt_indices(len(dataset.prompts), 4, 2, seed=0)]
+    table = json.loads(Path(client.download_artifacts(run_id, "samples/step_00002.json", str(tmp_path))).read_text())
+    prompts = [row[table["columns"].index("prompt")] for row in table["data"]]
+    assert set(prompts) <= set(expected) and len(set(expected) - set(prompts)) <= 1  # a failed judgement drops one
+
+    # every third judgement failed: those samples were dropped and counted, and training went on
+    failures = client.get_metric_history(run_id, "judge/failures")
+    kept = client.get_metric_history(run_id, "samples/kept")
+    assert sum(m.value for m in failures) >= 1
+    assert all(f.value + k.value == 4 for f, k in zip(failures, kept))
+    assert run.data.metrics["policy_version"] == 2
+
+
+# --- the user's command: ray job submit to a Ray head ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
+    """`ray start --head`, then `ray job submit --working-dir . -- python jobs/ppo.py trainer.total_steps=1` from the
+    checkout; the venv, the model cache and MLflow live outside the uploaded working dir."""
+    venv_bin = str(Path(sys.executable).parent)
+    temp_dir = f"/tmp/rj{os.getpid()}"  # short: Ray's socket paths must fit in 107 characters
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_ADDRESS": "",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS")
+    start = subprocess.run([f"{venv_bin}/ray", "start", "--head", f"--port={port}", "--num-cpus=8",
+                            f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+                            "--include-dashboard=true", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        submit = subprocess.run(
+            [f"{venv_bin}/ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".",
+             "--", "python", "jobs/ppo.py", "trainer.total_steps=1", *SMALL,
+             f"trainer.storage_path={tmp_path / 'checkpoints'}", f"trainer.output_dir={tmp_path / 'outputs'}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+        assert "succeeded" in submit.stdout + submit.stderr
+    finally:  # stop this head only (`ray stop` would also stop other Rays on the machine)
+        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True)
+        subprocess.run(["pkill", "-9", "-f", f"gcs_server.*{port}"], capture_output=True)
+    client, runs = _runs(tmp_path)
+    (run,) = runs
+    assert run.info.status == "FINISHED" and _steps(client, run.info.run_id, "reward/mean") == [1]
+    assert list((tmp_path / "checkpoints").glob("*/checkpoint_000001"))
