@@ -11,6 +11,10 @@ lexicon by default); per aligned model its win rate against the base; and side-b
 differ most. Written to ``out`` (report.json, report.md, samples.jsonl, PNGs), logged to MLflow (experiment
 ``rayalign-eval``); the headline table is printed.
 
+Departure from the source material: there the 70B judge counted non-vegetarian answers (43 of 100 held-out
+prompts before alignment, 30 after); here a violation is a judge score below the rubric's threshold, with the
+rule's count beside it, since a small judge cannot be trusted alone (see README, "The judge, validated").
+
 ``--model`` (repeatable) takes an HF model directory (a merged model), a peft adapter directory
 (adapter_config.json) or the MLflow run id of a ``jobs/ppo.py`` run (its ``model/adapter`` artifact, else
 ``model/merged``). Without ``--model`` the base is evaluated alone. The base is ``model.name``.
@@ -18,7 +22,7 @@ differ most. Written to ``out`` (report.json, report.md, samples.jsonl, PNGs), l
     python jobs/evaluate.py                                   # the embedded SmolLM2 on the 120 held-out prompts
     python jobs/evaluate.py --model outputs/<run>/adapter --model <mlflow run id>
     python jobs/evaluate.py --prompts my_holdout.jsonl --model <run id> judge.mode=logprob data.limit=50
-    python jobs/evaluate.py --config jobs/configs/ppo_gpu.yaml --model <run id>   # (its model/engine/judge keys)
+    python jobs/evaluate.py --model <run id> judge.backend=openai judge.url=http://host:8000/v1 judge.endpoint_model=m
 """
 
 from __future__ import annotations

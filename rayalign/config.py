@@ -444,7 +444,9 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = _Raw(value)
 
 
-def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
+def _build(cls: type[T], data: Any, prefix: str, source: str, base: Any = None) -> T:
+    """``cls`` from a mapping, on top of ``base`` (default ``cls()``): a job whose defaults differ from a section's
+    class defaults keeps them for every key the file or command line does not set."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {_describe(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -455,11 +457,15 @@ def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
             f"{src}: unknown key '{prefix}{unknown[0]}' (expected one of: {', '.join(sorted(fields))})"
         )
     hints = typing.get_type_hints(cls)
+    base = cls() if base is None else base
     kwargs = {}
     for name, value in data.items():
         src = _source_of(value, source)
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}", src)
-    return cls(**kwargs)
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, f"{prefix}{name}.", src, base=getattr(base, name))
+        else:
+            kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}", src)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:

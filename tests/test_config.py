@@ -202,3 +202,14 @@ def test_ppo_cross_field_rules(overrides, expected):
     job = load_job("ppo.py")
     with pytest.raises(C.ConfigError, match=re.escape(expected)):
         C.load_config(job.PPOJobConfig, None, overrides)
+
+
+def test_overrides_keep_the_jobs_own_section_defaults():
+    """A job's default section (e.g. ppo's tracking.experiment, reward components) survives an override of
+    another key in that section."""
+    job = load_job("ppo.py")
+    cfg = C.load_config(job.PPOJobConfig, None, ["tracking.sample_every=1", "reward.judge.mode=logprob",
+                                                "ray.namespace=x"])
+    assert cfg.tracking.experiment == "rayalign-ppo" and cfg.tracking.sample_every == 1
+    assert [c.name for c in cfg.reward.components] == ["judge", "lexicon"] and cfg.reward.judge.mode == "logprob"
+    assert cfg.ray.num_cpus == 8 and cfg.ray.namespace == "x"
