@@ -216,7 +216,9 @@ def serve(cfg: ServeJobConfig, served: Served) -> None:
     from rayalign.rollout.serve import start_chat_server, stop_chat_server
     from rayalign.rollout.weight_sync import lora_payload
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
+    # Ctrl-C and `kill` both stop cleanly, also where the launcher left SIGINT ignored (a background job of a script)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     engines, routed = None, False
     try:
         init_ray(cfg.ray)

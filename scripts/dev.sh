@@ -32,6 +32,16 @@ setup() {
   echo "$stamp" > "$stamp_file"
 }
 
+# The chat page test drives a headless Chromium through Debian's chromium-driver; without them it skips.
+browser() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return
+  local sudo=""
+  [[ "$(id -u)" == 0 ]] || sudo="sudo -n"
+  echo "[dev.sh] installing chromium + chromium-driver with apt (for the chat page test)" >&2
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver; } \
+    >/dev/null 2>&1 || echo "[dev.sh] could not install chromium; the chat page test will be skipped" >&2
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -41,6 +51,7 @@ case "$cmd" in
     ;;
   test)
     setup
+    browser
     exec "$venv/bin/python" -m pytest "$@"
     ;;
   setup)

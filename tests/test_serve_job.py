@@ -1,0 +1,299 @@
+"""jobs/serve.py: the real SmolLM2 with a random LoRA adapter behind the OpenAI-compatible route, driven over HTTP
+and through the chat page in a headless Chromium, then stopped with Ctrl-C. One server process serves the slow
+tests (starting a vLLM engine costs about a minute on CPU). Bad inputs stop before anything starts (fast tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, load_job
+
+PROMPT = "Suggest a vegetarian dinner."
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fast: config, inputs, the page file
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _run_main(args: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()  # only what the job prints
+    try:
+        code = load_job("serve.py").main(args)
+    except SystemExit as e:  # config errors exit from parse_job_config
+        code = e.code
+    return code, capsys.readouterr().err.strip()
+
+
+def _fake_model(path: Path) -> Path:
+    """Enough of an HF directory for resolve_model (nothing loads it)."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def _fake_adapter(path: Path, rank: int = 8) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank}))
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    return path
+
+
+def test_serve_config_documents_every_field():
+    import rayalign.config as C
+
+    job = load_job("serve.py")
+    for cls in (job.ServeJobConfig, job.ServeConfig):
+        docs = C.field_docs(cls)
+        assert all(docs.get(f.name) for f in dataclasses.fields(cls)), cls.__name__
+    assert job.ServeJobConfig().serve.host == "127.0.0.1"
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    base = _fake_model(tmp_path / "base")
+    (tmp_path / "plain").mkdir()
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    cases = {
+        (f"serve.adapter={tmp_path / 'missing'}",): "does not exist",
+        (f"serve.adapter={tmp_path / 'plain'}",): "not a peft adapter directory",
+        (f"serve.adapter={weightless}",): "no adapter_model.safetensors",
+        (f"serve.adapter={_fake_adapter(tmp_path / 'rank0', rank=0)}",): "is not a LoRA adapter",
+        ("serve.adapter=x", "serve.run_id=y"): "set one of them",
+        ("serve.port=0",): "serve.port",
+        (f"model.name={tmp_path / 'no-such-model'}",): "is not an embedded model",
+        (f"model.name={_fake_adapter(tmp_path / 'an-adapter')}",): "is a LoRA adapter, not a model",
+    }
+    for args, expected in cases.items():
+        code, err = _run_main([f"model.name={base}", *args], capsys)
+        assert code == 2 and expected in err and len(err.splitlines()) == 1, (args, err)
+
+
+def test_run_ids_resolve_to_the_saved_model_or_exit_2(tmp_path, capsys, monkeypatch):
+    import mlflow
+
+    job = load_job("serve.py")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code, err = _run_main(["serve.run_id=0123abcd"], capsys)
+    assert code == 2 and "no MLflow store" in err, err
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("rayalign-ppo", artifact_location=(tmp_path / "artifacts").as_uri())
+    base = _fake_model(tmp_path / "base")
+
+    def run(name: str, **artifacts: Path) -> str:
+        run_id = client.create_run(experiment, run_name=name).info.run_id
+        client.log_param(run_id, "model.name", str(base))
+        for kind, path in artifacts.items():
+            client.log_artifacts(run_id, str(path), f"model/{kind}")
+        client.set_terminated(run_id)
+        return run_id
+
+    lora_run = run("ppo-lora", adapter=_fake_adapter(tmp_path / "adapter", rank=12),
+                   merged=_fake_model(tmp_path / "merged"))
+    full_run = run("ppo-full", merged=_fake_model(tmp_path / "full"))
+    empty_run = run("ppo-crashed")
+
+    cfg = job.ServeJobConfig(serve=job.ServeConfig(run_id=lora_run))
+    served = job.resolve_served(cfg, tmp_path / "download")
+    assert served.adapter is not None and (served.adapter / "adapter_config.json").is_file()
+    assert served.adapter.is_relative_to(tmp_path / "download")
+    assert (served.model_path, served.lora_rank, served.name) == (str(base.resolve()), 12, "ppo-lora")  # the run's own base
+
+    served = job.resolve_served(dataclasses.replace(cfg, serve=job.ServeConfig(run_id=full_run)), tmp_path / "dl2")
+    assert served.adapter is None and (Path(served.model_path) / "config.json").is_file()
+
+    for run_id, expected in ((empty_run, "has no model/adapter or model/merged"), ("0123abcd", "no MLflow run")):
+        code, err = _run_main([f"serve.run_id={run_id}"], capsys)
+        assert code == 2 and expected in err and len(err.splitlines()) == 1, err
+
+
+def test_the_chat_page_is_self_contained():
+    import importlib.resources
+
+    page = importlib.resources.files("rayalign.rollout").joinpath("chat.html").read_text()
+    assert "://" not in page and "<link" not in page and " src=" not in page  # nothing fetched from elsewhere
+    assert 'id="input"' in page and 'id="send"' in page and "/chat/completions" in page
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Slow: one real server for the rest of the module
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    """Base URL of the route, e.g. http://127.0.0.1:PORT/chat."""
+    port: int
+    log: Path
+
+    def tail(self) -> str:
+        return self.log.read_text()[-4000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever the job left behind (it ran in its own session, its local Ray with it)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            if os.getsid(pid) == proc.pid:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, model_path) -> Path:
+    """A random LoRA adapter on the embedded model (r=8, not zero-initialised, so it changes what the model says)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    path = tmp_path_factory.mktemp("lora") / "adapter"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, adapter_dir):
+    workdir = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    log_path = workdir / "serve.log"
+    args = [f"serve.adapter={adapter_dir}", f"serve.port={port}", "sampling.max_new_tokens=24",
+            "engine.max_model_len=512"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve.py"), *args], cwd=workdir,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    server = Server(proc, f"http://127.0.0.1:{port}/chat", port, log_path)
+    try:
+        deadline = time.time() + 600
+        while not _answers(f"{server.url}/v1/models"):
+            assert proc.poll() is None, server.tail()
+            assert time.time() < deadline, "jobs/serve.py did not answer within 10 minutes\n" + server.tail()
+            time.sleep(2)
+        yield server
+    finally:
+        _kill_session(proc)
+
+
+def _outbound_ip() -> str | None:
+    """This machine's address on its network (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+@pytest.mark.slow
+def test_chat_completion_over_http(server):
+    body = {"model": "whatever", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16}
+    request = urllib.request.Request(f"{server.url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    reply = json.loads(urllib.request.urlopen(request, timeout=300).read())
+    assert reply["choices"][0]["message"]["content"].strip(), reply
+    assert reply["policy_version"] == 1  # the adapter, applied through the engines' dynamic LoRA
+    assert reply["model"].endswith("/adapter")  # named after the adapter's directory
+
+    ip = _outbound_ip()
+    if ip is not None:  # bound to 127.0.0.1 only: not reachable on the machine's own network address
+        with pytest.raises(OSError), socket.create_connection((ip, server.port), timeout=5):
+            pass
+
+
+@pytest.mark.slow
+def test_chat_page_in_a_headless_browser(server, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("needs chromium and chromedriver on PATH (scripts/dev.sh test installs Debian's with apt, "
+                    "which failed or was unavailable here)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(options=options, service=Service(chromedriver))
+    screenshot = tmp_path / "chat_page.png"
+    try:
+        browser.get(f"{server.url}/")
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text)  # the page reached the API
+        assert browser.find_element(By.ID, "model").text.endswith("/adapter")
+
+        def replies(count: int):
+            WebDriverWait(browser, 300).until(
+                lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant")) >= count
+                or b.find_elements(By.CSS_SELECTOR, ".error"))
+            errors = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".error")]
+            assert not errors, errors
+            return browser.find_elements(By.CSS_SELECTOR, ".assistant")
+
+        browser.find_element(By.ID, "input").send_keys(PROMPT)
+        browser.find_element(By.ID, "send").click()
+        first = replies(1)[0]
+        assert "policy v1" in first.text and first.text.split("policy v1")[0].strip()
+        browser.find_element(By.ID, "input").send_keys("And a dessert?", Keys.ENTER)  # Enter sends too
+        replies(2)
+        # the page keeps the whole conversation and posts all of it with every message
+        assert browser.execute_script("return conversation.map(m => m.role)") == ["user", "assistant"] * 2
+        browser.save_screenshot(str(screenshot))
+    finally:
+        browser.quit()
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get("RAYALIGN_TEST_ARTIFACTS"):
+        artifacts = Path(os.environ["RAYALIGN_TEST_ARTIFACTS"])
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, artifacts / "chat_page.png")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_server_cleanly(server):
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(timeout=180) == 0, server.tail()
+    assert "stopping" in server.log.read_text()
+    assert not _answers(f"{server.url}/v1/models")
