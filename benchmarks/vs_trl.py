@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -236,14 +237,16 @@ def main() -> None:
 
     import trl
 
-    tmp = tempfile.TemporaryDirectory(prefix="vs_trl-")
-    workdir = Path(tmp.name)
+    workdir = Path(tempfile.mkdtemp(prefix="vs_trl-"))
+    load = {"start": os.getloadavg()[0]}  # 1-minute load average: other work on the machine skews both sides
     try:
         ray_res = bench_rayalign(args, workdir)
+        load["after_rayalign"] = os.getloadavg()[0]
         print("rayalign: step %.1f s (generate %.1f, judge %.2f, logprobs %.1f, train %.1f, sync %.1f), "
               "response length %.0f" % (ray_res["step_seconds"], *(ray_res[p] for p in PHASES),
                                         ray_res["response_length"]), flush=True)
         trl_res = bench_trl(args, workdir)
+        load["after_trl"] = os.getloadavg()[0]
         print("TRL %s: step %.1f s (HF generate %.1f, rollout incl. generate/reward/ref logprobs %.1f), "
               "response length %s" % (trl.__version__, trl_res["step_seconds"], trl_res["generate_seconds"],
                                       trl_res["rollout_seconds"], trl_res["response_length"]), flush=True)
@@ -251,7 +254,7 @@ def main() -> None:
         if args.keep:
             print(f"kept {workdir}", flush=True)
         else:
-            tmp.cleanup()
+            shutil.rmtree(workdir, ignore_errors=True)
     ratio = ray_res["step_seconds"] / trl_res["step_seconds"]
     print(f"rayalign / TRL step time: {ratio:.3f} (target <= 0.5)", flush=True)
     r3 = lambda x: round(x, 3)  # noqa: E731
@@ -262,7 +265,8 @@ def main() -> None:
                    "completions_per_step": args.prompts * args.generations, "micro_batch": MICRO_BATCH,
                    "max_new_tokens": args.max_new_tokens, "fixed_length": True, "temperature": TEMPERATURE,
                    "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA, "lr": LR, "kl_coef": KL_COEF, "reward": RULE,
-                   "trl_version": trl.__version__, "cpu_count": os.cpu_count()},
+                   "trl_version": trl.__version__, "cpu_count": os.cpu_count(),
+                   "load_average_1m": {k: round(v, 2) for k, v in load.items()}},
         "rayalign": {"step_seconds": r3(ray_res["step_seconds"]), **{p: r3(ray_res[p]) for p in PHASES},
                      "response_length": ray_res["response_length"],
                      "steps_seconds": [r3(s) for s in ray_res["steps_seconds"]]},

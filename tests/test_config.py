@@ -213,3 +213,10 @@ def test_overrides_keep_the_jobs_own_section_defaults():
     assert cfg.tracking.experiment == "rayalign-ppo" and cfg.tracking.sample_every == 1
     assert [c.name for c in cfg.reward.components] == ["judge", "lexicon"] and cfg.reward.judge.mode == "logprob"
     assert cfg.ray.num_cpus == 8 and cfg.ray.namespace == "x"
+
+
+def test_exponent_floats_without_a_dot():
+    job = load_job("ppo.py")
+    assert C.load_config(job.PPOJobConfig, None, ["learner.lr=5e-05"]).learner.lr == 5e-05
+    with pytest.raises(C.ConfigError, match="expected a float"):
+        C.load_config(job.PPOJobConfig, None, ["learner.lr=fast"])
