@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from rayalign.data.prompts import DatasetError, load_prompts, prompt_indices
-    from rayalign.learner.checkpoints import resolve_run
+    from rayalign.learner.checkpoints import checkpoint_dir, checkpoint_steps, mark_complete, resolve_run
     from rayalign.models import ModelNotFoundError, resolve_model
 
     try:
@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.tracking import Tracker
 
     algo, trainer = cfg.algorithm, cfg.trainer
-    transport = "lora" if cfg.learner.finetune == "lora" else "full"
+    # what the learner publishes, and how the engines start: LoRA as an adapter, or folded into full weights
+    publish_as = {"full": "full", "lora": "lora" if cfg.learner.lora_sync == "adapter" else "merged"}[
+        cfg.learner.finetune]
+    transport = "lora" if publish_as == "lora" else "full"
     address = init_ray(cfg.ray)
     judge_replicas = cfg.reward.judge.max_replicas if cfg.reward.judge.backend == "vllm" and any(
         c.kind == "judge" for c in cfg.reward.components or (C.RewardComponent(),)) else 0
@@ -146,18 +149,19 @@ def main(argv: list[str] | None = None) -> int:
              len(dataset.prompts), dataset.source)
 
     # -- build the pieces: learner first (it holds the resumed state), then engines and the reward ----------
+    resume_from = checkpoint_dir(storage, run_name, checkpoint_steps(storage, run_name)[-1]) if resuming else None
     learner = Learner(model_path, learner=cfg.learner, lora=cfg.lora, algorithm=algo, storage_path=storage,
-                      run_name=run_name, seed=trainer.seed)
+                      run_name=run_name, seed=trainer.seed, resume_from=resume_from)
     setup = learner.setup()
     state = setup["driver_state"] or {"step": 0, "kl_coef": algo.kl_coef, "version": 0, "mlflow_run_id": None,
                                       "history": []}
     if resuming and setup["driver_state"] is None:
-        raise RuntimeError(f"Ray Train found no checkpoint to restore in {storage}/{run_name}")
+        raise RuntimeError(f"the learner restored no driver state from {resume_from}")
     kl_ctl = (AdaptiveKLController(state["kl_coef"], algo.kl_target, algo.kl_horizon) if algo.kl_target
               else FixedKLController(state["kl_coef"]))
     engines = RolloutGroup(model_path, cfg.model, cfg.engine, transport=transport, max_lora_rank=cfg.lora.rank)
     if state["version"] > 0:  # a resumed policy: the engines start from the checkpoint's weights
-        learner.publish(engines.store_name, state["version"], transport, cfg.model.dtype)
+        learner.publish(engines.store_name, state["version"], publish_as, cfg.model.dtype)
         engines.sync()
     reward_fn = build_reward(cfg.reward)
 
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal last_checkpoint
         state.update(step=step, kl_coef=kl_ctl.value, judge_failures_total=judge_failures_total)
         seconds = learner.checkpoint(step, dict(state))
+        mark_complete(storage, run_name, step)  # every rank's part is in storage: safe to resume from
         last_checkpoint = step
         log.info("checkpoint of step %d saved to %s/%s (%.1f s)", step, storage, run_name, seconds)
 
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 stats = learner.train(ray.put(batch), plan, cfg.sampling.temperature, kl_ctl.value)
             with timed(times, "sync"):
                 state["version"] += 1
-                publish = learner.publish(engines.store_name, state["version"], transport, cfg.model.dtype)
+                publish = learner.publish(engines.store_name, state["version"], publish_as, cfg.model.dtype)
                 engines.sync()
 
             kl = rl.sequence_kl(adv["kl"], mask)

@@ -313,6 +313,10 @@ class LearnerConfig:
     finetune: Literal["lora", "full"] = "lora"
     """"lora": train a peft adapter (the reference is the base with the adapter off); "full": every weight (the
     reference is a frozen copy)."""
+    lora_sync: Literal["adapter", "merged"] = "merged"
+    """How LoRA updates reach the rollout engines: "adapter" (vLLM dynamic LoRA, ~20 MB per sync, but decoding runs
+    vLLM's LoRA kernels, about half speed on CPU) or "merged" (the adapter folded into the weights, ~270 MB per sync
+    through shared memory; engines decode at base-model speed and must share the learner's rank-0 node)."""
     num_workers: int = 1
     """Ray Train workers (data parallel, one DeepSpeed rank each)."""
     num_cpus_per_worker: float = 1.0

@@ -12,7 +12,7 @@ from rayalign.config import AlgorithmConfig, ConfigError, TrainerConfig
 from rayalign.data.prompts import prompt_indices
 from rayalign.learner import rl
 from rayalign.learner.batch import minibatch_plan, pad_rollouts, response_positions, select_rows, token_logprobs
-from rayalign.learner.checkpoints import resolve_run
+from rayalign.learner.checkpoints import mark_complete, resolve_run
 from rayalign.types import Rollout
 
 
@@ -114,8 +114,36 @@ def test_resolve_run(tmp_path):
     with pytest.raises(ConfigError, match="no run with a checkpoint"):
         resolve_run(TrainerConfig(storage_path=str(tmp_path), resume=True))
     (tmp_path / "a" / "checkpoint_000003").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no run with a checkpoint"):  # not marked complete: a killed save
+        resolve_run(TrainerConfig(storage_path=str(tmp_path), resume=True))
+    mark_complete(str(tmp_path), "a", 3)
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="a"))
     assert resolve_run(TrainerConfig(storage_path=str(tmp_path), resume=True)) == (str(tmp_path), "a", True)
     with pytest.raises(ConfigError, match="holds no checkpoint"):
         resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="b", resume=True))
+
+
+def test_merged_weights_equal_peft_merge_and_unload():
+    """What the learner publishes under lora_sync=merged: HF names, base + scale * B @ A, model untouched."""
+    import copy
+    import types
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayalign.learner.worker import LearnerWorker
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    lm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                         init_lora_weights=False))
+    expected = copy.deepcopy(lm).merge_and_unload().state_dict()
+    fake = types.SimpleNamespace(policy=types.SimpleNamespace(lm=lm))
+    merged = dict(LearnerWorker._merged_weights(fake))
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(merged[name], tensor, atol=1e-6), name
+    assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"],
+                              lm.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)

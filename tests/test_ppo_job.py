@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_job
+from rayalign.learner.checkpoints import checkpoint_steps
 
 pytestmark = pytest.mark.slow
 
@@ -51,14 +53,14 @@ def test_two_steps_with_the_default_reward(tmp_path, model_path):
                 "reward/lexicon/mean"):
         assert _steps(client, run.info.run_id, key) == [1, 2], key
     assert run.data.metrics["policy_version"] == 2
-    assert run.data.metrics["kl"] > 0  # the policy moved away from the reference after the first update
+    assert run.data.metrics["kl/k3"] > 0  # the policy moved away from the reference (k1 can be negative)
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves.png", "samples", "model"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/adapter", "model/merged"}
 
     (run_dir,) = (tmp_path / "checkpoints").iterdir()
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]
+    assert checkpoint_steps(str(tmp_path / "checkpoints"), run_dir.name) == [1, 2]
     state = json.loads((run_dir / "checkpoint_000002" / "driver_state.json").read_text())
     assert state["step"] == 2 and state["version"] == 2
     merged = tmp_path / "outputs" / run_dir.name / "merged"
@@ -119,7 +121,8 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def test_failed_judgements_are_dropped_and_a_killed_run_resumes_exactly(tmp_path, flaky_judge, model_path):
     from rayalign.data.prompts import load_prompts, prompt_indices
 
-    args = [*SMALL, "trainer.checkpoint_every=1", "trainer.run_name=resumable", "reward.judge.backend=openai",
+    args = [*SMALL, "trainer.checkpoint_every=1", "trainer.run_name=resumable", "learner.lora_sync=adapter",
+            "reward.judge.backend=openai",
             f"reward.judge.url={flaky_judge}", "reward.judge.endpoint_model=stub", "reward.components=[]"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "first.log"
@@ -174,9 +177,10 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
     venv_bin = str(Path(sys.executable).parent)
     temp_dir = f"/tmp/rj{os.getpid()}"  # short: Ray's socket paths must fit in 107 characters
     port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_ADDRESS": "",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    env.pop("RAY_ADDRESS")
+    # Ray 2.60 heads require a token: the same one for `ray start` and `ray job submit`
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
     start = subprocess.run([f"{venv_bin}/ray", "start", "--head", f"--port={port}", "--num-cpus=8",
                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
                             "--include-dashboard=true", "--disable-usage-stats"],

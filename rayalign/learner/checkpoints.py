@@ -1,8 +1,9 @@
 """Finding runs and checkpoints in a Ray Train storage path (a local directory or a cloud URI).
 
-Ray Train writes ``<storage_path>/<run_name>/checkpoint_<step>/`` and, when a run name is reused, restores the
-run's latest checkpoint into the workers. This module only decides which run name to use, so that a fresh run
-never picks up an old one by accident and ``trainer.resume=true`` finds the one to continue.
+Ray Train writes ``<storage_path>/<run_name>/checkpoint_<step>/`` (every rank's files merged). Once all ranks have
+reported a checkpoint, the driver drops a marker file into it; a checkpoint without the marker (a job killed while
+saving) is ignored. Resuming loads the latest marked checkpoint explicitly rather than relying on Ray Train's own
+run restoration, whose snapshot is written asynchronously and may lag behind a killed job.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from rayalign.config import ConfigError, TrainerConfig
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
+COMPLETE = ".rayalign_complete"
 
 
 def absolute_storage(storage_path: str) -> str:
@@ -21,20 +23,38 @@ def absolute_storage(storage_path: str) -> str:
     return storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
 
 
+def _fs(path: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+
+
 def _listdir(path: str) -> list[tuple[str, bool, float]]:
     """(name, is_dir, mtime) under ``path`` (empty when it does not exist)."""
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs, root = _fs(path)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     return [(os.path.basename(i.path.rstrip("/")), i.type == pafs.FileType.Directory,
              i.mtime.timestamp() if i.mtime else 0.0) for i in infos]
 
 
+def checkpoint_dir(storage_path: str, run_name: str, step: int) -> str:
+    return f"{storage_path.rstrip('/')}/{run_name}/checkpoint_{step:06d}"
+
+
+def mark_complete(storage_path: str, run_name: str, step: int) -> None:
+    """Called once every rank's part of the step's checkpoint is in storage."""
+    fs, path = _fs(checkpoint_dir(storage_path, run_name, step))
+    with fs.open_output_stream(f"{path}/{COMPLETE}") as f:
+        f.write(b"ok\n")
+
+
 def checkpoint_steps(storage_path: str, run_name: str) -> list[int]:
-    """Steps with a checkpoint directory in the run, ascending."""
+    """Steps with a complete checkpoint in the run, ascending."""
     run = f"{storage_path.rstrip('/')}/{run_name}"
-    return sorted(int(m.group(1)) for name, is_dir, _ in _listdir(run) if is_dir and (m := CHECKPOINT_DIR.match(name)))
+    steps = sorted(int(m.group(1)) for name, is_dir, _ in _listdir(run) if is_dir and (m := CHECKPOINT_DIR.match(name)))
+    return [s for s in steps if COMPLETE in {n for n, _, _ in _listdir(checkpoint_dir(storage_path, run_name, s))}]
 
 
 def resolve_run(trainer: TrainerConfig, prefix: str = "ppo") -> tuple[str, str, bool]:

@@ -75,12 +75,13 @@ def _fit(trainer: Any) -> Any:
 class Learner:
     """``learner.num_workers`` DeepSpeed ranks under one Ray Train run named ``run_name`` in ``storage_path``.
 
-    Reusing a run name resumes it: Ray Train hands the workers the run's latest checkpoint, and `setup`
-    returns the driver state saved with it.
+    ``resume_from``: a checkpoint directory (or URI) the workers restore before anything else; `setup` then returns
+    the driver state saved with it.
     """
 
     def __init__(self, model_path: str, *, learner: LearnerConfig, lora: LoraConfig, algorithm: AlgorithmConfig,
-                 storage_path: str, run_name: str, seed: int, command_timeout_s: float = 3600.0):
+                 storage_path: str, run_name: str, seed: int, resume_from: str | None = None,
+                 command_timeout_s: float = 3600.0):
         import ray
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -95,7 +96,7 @@ class Learner:
         if use_gpu:
             resources["GPU"] = learner.num_gpus_per_worker
         spec = {"model_path": model_path, "learner": learner, "lora": lora, "algorithm": algorithm, "seed": seed,
-                "hub_name": hub_name, "namespace": namespace}
+                "hub_name": hub_name, "namespace": namespace, "resume_from": resume_from}
         trainer = TorchTrainer(
             train_loop_per_worker=_train_loop,
             train_loop_config=spec,

@@ -110,7 +110,9 @@ class LearnerWorker:
         import ray.train
         import torch
 
-        checkpoint = ray.train.get_checkpoint()
+        # the driver names the checkpoint to resume from; Ray Train's own (after a worker restart) is the fallback
+        resume_from = self.spec.get("resume_from")
+        checkpoint = ray.train.Checkpoint(resume_from) if resume_from else ray.train.get_checkpoint()
         state = None
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
@@ -242,15 +244,34 @@ class LearnerWorker:
 
         t0 = time.perf_counter()
         store = ray.get_actor(store_name, namespace=namespace)
+        engine_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
         if transport == "lora":
             with tempfile.TemporaryDirectory(prefix="rayalign-adapter-") as d:
                 self.policy.lm.save_pretrained(d)
                 published = lora_payload(version, d)
+        elif transport == "merged":
+            published = full_payload(version, self._merged_weights(), dtype=engine_dtype)
         else:
-            engine_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
             published = full_payload(version, self.policy.lm.state_dict().items(), dtype=engine_dtype)
         ray.get(store.publish.remote(published))
         return {"seconds": time.perf_counter() - t0, "bytes": published.nbytes}
+
+    def _merged_weights(self):
+        """(HF name, tensor) of the base weights with the adapter folded in, W + scale * (B @ A), one tensor at a
+        time; the training model itself is left as it is."""
+        import torch
+
+        base = self.policy.lm.get_base_model()  # the HF model with peft's layers injected
+        lora_layers = {name: m for name, m in base.named_modules() if hasattr(m, "get_delta_weight")}
+        with torch.no_grad():
+            for name, tensor in base.state_dict().items():
+                if ".lora_" in name:
+                    continue
+                name = name.replace(".base_layer.", ".")
+                module = name.rsplit(".", 1)[0]
+                if name.endswith(".weight") and module in lora_layers:
+                    tensor = tensor + lora_layers[module].get_delta_weight("default").to(tensor.dtype)
+                yield name, tensor
 
     def checkpoint(self, step: int, driver_state: dict[str, Any]) -> dict[str, Any]:
         """Every rank saves its DeepSpeed state (rank 0 also the driver's) and reports it to Ray Train, which
