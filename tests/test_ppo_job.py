@@ -187,11 +187,15 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]
     try:
-        submit = subprocess.run(
-            [f"{venv_bin}/ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".",
-             "--", "python", "jobs/ppo.py", "trainer.total_steps=1", *SMALL,
-             f"trainer.storage_path={tmp_path / 'checkpoints'}", f"trainer.output_dir={tmp_path / 'outputs'}"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(24):  # a fresh head's job agent comes up some seconds after `ray start` returns
+            submit = subprocess.run(
+                [f"{venv_bin}/ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".",
+                 "--", "python", "jobs/ppo.py", "trainer.total_steps=1", *SMALL,
+                 f"trainer.storage_path={tmp_path / 'checkpoints'}", f"trainer.output_dir={tmp_path / 'outputs'}"],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent to submit job" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(5)
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
         assert "succeeded" in submit.stdout + submit.stderr
     finally:  # stop this head only (`ray stop` would also stop other Rays on the machine)
