@@ -176,13 +176,16 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
     checkout; the venv, the model cache and MLflow live outside the uploaded working dir."""
     venv_bin = str(Path(sys.executable).parent)
     temp_dir = f"/tmp/rj{os.getpid()}"  # short: Ray's socket paths must fit in 107 characters
-    port, dashboard = _free_port(), _free_port()
+    # every port of this head picked free: another Ray on the machine (e.g. the test session's) holds the defaults
+    port, dashboard, agent, client, metrics = (_free_port() for _ in range(5))
     # Ray 2.60 heads require a token: the same one for `ray start` and `ray job submit`
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run([f"{venv_bin}/ray", "start", "--head", f"--port={port}", "--num-cpus=8",
                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+                            f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+                            f"--metrics-export-port={metrics}",
                             "--include-dashboard=true", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]
