@@ -46,14 +46,6 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts as
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    prompts: str = "builtin:vegetarian/holdout"
-    """Held-out prompts: JSONL/Parquet with a `prompt` field, or a shipped dataset `builtin:<name>/<split>`."""
-    limit: int | None = None
-    """Use at most this many prompts (None: all)."""
-
-
-@dataclasses.dataclass(frozen=True)
 class ReportConfig:
     rule: str = "vegetarian_lexicon"
     """Rule from rayalign.judge.rules giving the second, non-LLM violation estimate (empty: none)."""
@@ -83,7 +75,7 @@ class EvalConfig:
     """How answers are generated (greedy by default: reproducible)."""
     judge: C.JudgeConfig = C.JudgeConfig()
     """The LLM judge and its rubric (the rubric's threshold separates violations from passes)."""
-    data: DataConfig = DataConfig()
+    data: C.DataConfig = C.DataConfig(prompts="builtin:vegetarian/holdout")
     """Which prompts (--prompts sets data.prompts)."""
     report: ReportConfig = ReportConfig()
     """What the report holds."""

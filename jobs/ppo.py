@@ -43,14 +43,6 @@ DEFAULT_REWARD = C.RewardConfig(  # jobs/configs/reward_cpu_default.yaml: the co
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    prompts: str = "builtin:vegetarian/train"
-    """Training prompts: JSONL/Parquet with a `prompt` field, or a shipped dataset `builtin:<name>/<split>`."""
-    limit: int | None = None
-    """Use at most this many prompts (None: all)."""
-
-
-@dataclasses.dataclass(frozen=True)
 class PPOJobConfig:
     model: C.ModelConfig = C.ModelConfig()
     """The policy to align (its dtype is the rollout engines' dtype)."""
@@ -68,7 +60,7 @@ class PPOJobConfig:
     """The adapter (learner.finetune=lora)."""
     trainer: C.TrainerConfig = C.TrainerConfig()
     """Steps, checkpoints, resume, outputs."""
-    data: DataConfig = DataConfig()
+    data: C.DataConfig = C.DataConfig()
     """Which prompts."""
     ray: C.RayConfig = C.RayConfig(num_cpus=8)
     """Which Ray. The local default has 8 logical CPUs whatever the cores: engines, judge and learner each hold

@@ -25,18 +25,6 @@ from rayalign import config as C  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    prompts: str = "builtin:vegetarian/holdout"
-    """Prompt file (JSONL/Parquet with a `prompt` field) or a shipped dataset `builtin:<name>/<split>`."""
-    limit: int | None = 16
-    """Use at most this many prompts (None: all)."""
-
-    def validate(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise C.ConfigError(f"data.limit: expected an int >= 1 or null, got {self.limit}")
-
-
-@dataclasses.dataclass(frozen=True)
 class SampleConfig:
     model: C.ModelConfig = C.ModelConfig()
     """The model to sample."""
@@ -44,7 +32,7 @@ class SampleConfig:
     """vLLM engines."""
     sampling: C.SamplingConfig = C.SamplingConfig(temperature=0.7, max_new_tokens=96)
     """How responses are sampled."""
-    data: DataConfig = DataConfig()
+    data: C.DataConfig = C.DataConfig(prompts="builtin:vegetarian/holdout", limit=16)
     """Which prompts."""
     ray: C.RayConfig = C.RayConfig()
     """Which Ray."""

@@ -265,6 +265,18 @@ class RewardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    prompts: str = "builtin:vegetarian/train"
+    """Prompts: JSONL/Parquet with a `prompt` field, or a shipped dataset `builtin:<name>/<split>`."""
+    limit: int | None = None
+    """Use at most this many prompts (None: all)."""
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit: expected an int >= 1 or null, got {self.limit}")
+
+
+@dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
     name: Literal["ppo", "grpo", "rloo"] = "ppo"
     """"ppo": GAE with a value head; "grpo" / "rloo": group baselines over sampling.n responses per prompt, no critic."""

@@ -86,10 +86,12 @@ def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> lis
     order. A pure function of (seed, step), so a resumed run sees exactly the prompts the uninterrupted run would."""
     import random
 
+    orders: dict[int, list[int]] = {}  # a step spans at most a few epochs: shuffle each once
     out = []
     for position in range((step - 1) * per_step, step * per_step):
         epoch, offset = divmod(position, num_prompts)
-        order = list(range(num_prompts))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        out.append(order[offset])
+        if epoch not in orders:
+            orders[epoch] = list(range(num_prompts))
+            random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+        out.append(orders[epoch][offset])
     return out
