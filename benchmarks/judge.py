@@ -1,14 +1,18 @@
-"""Judge throughput: judgements/s at 1, 8 and 32 concurrent requests, three ways, one after the other:
-  serve_batched    one request per pair to the Serve deployment, gathered by @serve.batch
-  serve_unbatched  the same requests to the same replica's unbatched method
+"""Judge throughput: judgements/s at 1, 8 and 32 concurrent requests, four ways:
+  serve_batched      one request per pair to the Serve deployment, gathered by @serve.batch
+  serve_unbatched    the same requests to the same replica's unbatched method
   serve_one_request  the whole list in one request (`judge_many`, what the training driver sends)
-  direct           JudgeCore (the same vLLM engine code) called in this process with the whole batch
-Same judge (the default: SmolLM2, score mode, vegetarian rubric), same pairs from the shipped validation set.
+  direct             JudgeCore (the same vLLM engine code) called in this process with the whole batch
+Same judge (the default: SmolLM2, score mode, vegetarian rubric), same pairs from the shipped validation set, the
+same cores (the Serve replica's engine and the direct one are bound to the same cores and take turns).
+The ways are measured interleaved (each repeat runs all four back to back, in a rotating order), so a slow spell
+on this shared machine hits them alike; figures are medians over repeats, and the ratios are medians of the
+per-repeat ratios (numerator and denominator measured seconds apart).
 Last stdout line: one JSON object with the figures and
   ratios.batched_vs_unbatched_32   (target >= 5)
   ratios.serve_vs_direct           serve_batched / direct at 32 (target >= 0.9)
 
-    python benchmarks/judge.py [--repeats 2]
+    python benchmarks/judge.py [--repeats 5]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,21 +37,18 @@ def pairs(n: int) -> list[tuple[str, str]]:
     return [(rows[i % len(rows)]["prompt"], rows[i % len(rows)]["response"]) for i in range(n)]
 
 
-def best(fn, n: int, repeats: int) -> float:
-    fn(pairs(2))  # warm-up
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn(pairs(n))
-        elapsed = time.perf_counter() - t0
-        assert len(out) == n and all(j.score is not None for j in out)
-        rates.append(n / elapsed)
-    return max(rates)
+def rate(fn, n: int) -> float:
+    batch = pairs(n)
+    t0 = time.perf_counter()
+    out = fn(batch)
+    elapsed = time.perf_counter() - t0
+    assert len(out) == n and all(j.score is not None for j in out)
+    return n / elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     import ray
@@ -61,6 +63,9 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     judge = ServeJudge(model_path, config)
     handle = judge.handle
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.engine.cpu_kvcache_gib)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores_for_engine(0, 1)  # the cores the Serve replica has
+    core = JudgeCore(model_path, config)
 
     def serve(method):
         def run(batch):
@@ -68,30 +73,34 @@ def main() -> None:
             return [r.result(timeout_s=600) for r in responses]
         return run
 
-    figures: dict = {"judgements_per_second": {"serve_batched": {}, "serve_unbatched": {}, "serve_one_request": {},
-                                               "direct": {}}}
-    for c in CONCURRENCY:
-        figures["judgements_per_second"]["serve_batched"][str(c)] = round(best(serve("judge"), c, args.repeats), 3)
-        figures["judgements_per_second"]["serve_unbatched"][str(c)] = round(
-            best(serve("judge_unbatched"), c, args.repeats), 3)
-        figures["judgements_per_second"]["serve_one_request"][str(c)] = round(
-            best(lambda batch: handle.judge_many.remote(batch).result(timeout_s=600), c, args.repeats), 3)
-        print(f"concurrency {c}: {figures['judgements_per_second']['serve_batched'][str(c)]} batched, "
-              f"{figures['judgements_per_second']['serve_unbatched'][str(c)]} unbatched judgements/s", flush=True)
+    ways = {"serve_batched": serve("judge"), "serve_unbatched": serve("judge_unbatched"),
+            "serve_one_request": lambda batch: handle.judge_many.remote(batch).result(timeout_s=600),
+            "direct": core.judge}
+    for fn in ways.values():  # warm-up at every concurrency (the first batch of a new shape is slow on CPU)
+        for c in CONCURRENCY:
+            fn(pairs(c))
+    samples: dict[str, dict[int, list[float]]] = {w: {c: [] for c in CONCURRENCY} for w in ways}
+    names = list(ways)
+    for repeat in range(args.repeats):
+        for c in CONCURRENCY:
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # rotate the order
+                samples[name][c].append(rate(ways[name], c))
+        print(f"repeat {repeat + 1}/{args.repeats}: at 32, " + ", ".join(
+            f"{w} {samples[w][32][-1]:.1f}" for w in names) + " judgements/s", flush=True)
     judge.shutdown()
     ray.shutdown()
 
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.engine.cpu_kvcache_gib)
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores_for_engine(0, 1)  # the cores the Serve replica had
-    core = JudgeCore(model_path, config)
-    for c in CONCURRENCY:
-        figures["judgements_per_second"]["direct"][str(c)] = round(best(core.judge, c, args.repeats), 3)
-    print(f"direct: {figures['judgements_per_second']['direct']}", flush=True)
-    rates = figures["judgements_per_second"]
-    figures["ratios"] = {
-        "batched_vs_unbatched_32": round(rates["serve_batched"]["32"] / rates["serve_unbatched"]["32"], 3),
-        "serve_vs_direct": round(rates["serve_batched"]["32"] / rates["direct"]["32"], 3),
-        "serve_one_request_vs_direct": round(rates["serve_one_request"]["32"] / rates["direct"]["32"], 3),
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(samples[a][32], samples[b][32]))
+
+    figures: dict = {
+        "repeats": args.repeats,
+        "judgements_per_second": {w: {str(c): round(statistics.median(samples[w][c]), 3) for c in CONCURRENCY}
+                                  for w in names},
+        "judgements_per_second_all_repeats_32": {w: [round(x, 2) for x in samples[w][32]] for w in names},
+        "ratios": {"batched_vs_unbatched_32": round(paired("serve_batched", "serve_unbatched"), 3),
+                   "serve_vs_direct": round(paired("serve_batched", "direct"), 3),
+                   "serve_one_request_vs_direct": round(paired("serve_one_request", "direct"), 3)},
     }
     print(json.dumps(figures))
 

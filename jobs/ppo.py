@@ -10,11 +10,14 @@ The default is the reference case -- a vegetarian grocery chain's food chatbot -
 with LoRA, the CPU vLLM build and DeepSpeed's CPU accelerator, on a local Ray. Departures from the papers:
 the PPO value head shares the policy's backbone (one forward pass gives logits and values, as in TRL's PPO
 v1); the old-policy logprobs are recomputed by the learner rather than taken from the engine (they differ
-slightly; ``rollout/logprob_diff`` shows by how much).
+slightly; ``rollout/logprob_diff`` shows by how much). When a step makes one optimizer step and its advantages
+read no logprobs (GRPO/RLOO with ``algorithm.kl_in=loss``, one epoch, one minibatch), the learner skips that
+separate pass: the old policy is the current one, and the reference logprobs come from the training pass.
 
     python jobs/ppo.py                                    # the default: vegetarian chatbot, SmolLM2, LoRA, CPU
     python jobs/ppo.py trainer.total_steps=2 algorithm.name=grpo sampling.n=4 trainer.prompts_per_step=4
     python jobs/ppo.py trainer.resume=true                # continue the latest run from its last checkpoint
+    python jobs/ppo.py trainer.resume_from=checkpoints/<run>/checkpoint_000005   # a new run from a chosen one
     python jobs/ppo.py --config jobs/configs/ppo_gpu.yaml # an 8B policy and a 70B judge on a GPU cluster
     ray job submit --working-dir . -- python jobs/ppo.py
 """
@@ -94,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from rayalign.data.prompts import DatasetError, load_prompts, prompt_indices
-    from rayalign.learner.checkpoints import checkpoint_dir, checkpoint_steps, mark_complete, resolve_run
+    from rayalign.learner.checkpoints import mark_complete, resolve_run
     from rayalign.models import ModelNotFoundError, resolve_model
+
+    from rayalign.judge.reward import build_reward, resource_needs
 
     try:
         dataset = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
         model_path = resolve_model(cfg.model.name)
-        storage, run_name, resuming = resolve_run(cfg.trainer)
+        storage, run_name, resume_from, fork = resolve_run(cfg.trainer)
+        reward_fn = build_reward(cfg.reward)  # starts nothing yet; a bad reward-model path fails here
     except (DatasetError, ModelNotFoundError, C.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -110,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from rayalign.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
     from rayalign.judge.openai_judge import JudgeUnavailableError
-    from rayalign.judge.reward import build_reward
     from rayalign.learner import rl
     from rayalign.learner.batch import minibatch_plan, pad_rollouts
     from rayalign.learner.group import Learner
@@ -124,30 +129,29 @@ def main(argv: list[str] | None = None) -> int:
         cfg.learner.finetune]
     transport = "lora" if publish_as == "lora" else "full"
     address = init_ray(cfg.ray)
-    judge_replicas = cfg.reward.judge.max_replicas if cfg.reward.judge.backend == "vllm" and any(
-        c.kind == "judge" for c in cfg.reward.components or (C.RewardComponent(),)) else 0
+    reward_needs = resource_needs(cfg.reward)
     try:
         check_resources({
-            "CPU": cfg.engine.num_engines * cfg.engine.num_cpus + judge_replicas * cfg.reward.judge.engine.num_cpus
+            "CPU": cfg.engine.num_engines * cfg.engine.num_cpus + reward_needs["CPU"]
             + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker,
-            "GPU": cfg.engine.num_engines * cfg.engine.num_gpus + judge_replicas * cfg.reward.judge.engine.num_gpus
+            "GPU": cfg.engine.num_engines * cfg.engine.num_gpus + reward_needs["GPU"]
             + cfg.learner.num_workers * cfg.learner.num_gpus_per_worker,
         }, address)
     except C.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         ray.shutdown()
         return 2
-    log.info("run %s in %s (%s); %d prompts from %s", run_name, storage, "resuming" if resuming else "new",
+    started = f"from {resume_from}" if fork else "resuming" if resume_from else "new"
+    log.info("run %s in %s (%s); %d prompts from %s", run_name, storage, started,
              len(dataset.prompts), dataset.source)
 
     # -- build the pieces: learner first (it holds the resumed state), then engines and the reward ----------
-    resume_from = checkpoint_dir(storage, run_name, checkpoint_steps(storage, run_name)[-1]) if resuming else None
     learner = Learner(model_path, learner=cfg.learner, lora=cfg.lora, algorithm=algo, storage_path=storage,
                       run_name=run_name, seed=trainer.seed, resume_from=resume_from)
     setup = learner.setup()
     state = setup["driver_state"] or {"step": 0, "kl_coef": algo.kl_coef, "version": 0, "mlflow_run_id": None,
                                       "history": []}
-    if resuming and setup["driver_state"] is None:
+    if resume_from and setup["driver_state"] is None:
         raise RuntimeError(f"the learner restored no driver state from {resume_from}")
     kl_ctl = (AdaptiveKLController(state["kl_coef"], algo.kl_target, algo.kl_horizon) if algo.kl_target
               else FixedKLController(state["kl_coef"]))
@@ -155,14 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     if state["version"] > 0:  # a resumed policy: the engines start from the checkpoint's weights
         learner.publish(engines.store_name, state["version"], publish_as, cfg.model.dtype)
         engines.sync()
-    reward_fn = build_reward(cfg.reward)
 
     tracker = Tracker(cfg.tracking.experiment, run_name=cfg.tracking.run_name or run_name, config=cfg,
-                      run_id=state["mlflow_run_id"],
-                      tags={"job": "ppo", "algorithm": algo.name, "ray_address": address, "checkpoints": storage})
+                      run_id=None if fork else state["mlflow_run_id"],  # a fork is a new MLflow run
+                      tags={"job": "ppo", "algorithm": algo.name, "ray_address": address, "checkpoints": storage,
+                            **({"resumed_from": resume_from} if fork else {})})
     state["mlflow_run_id"] = tracker.run_id
     tracker.log_metrics({"learner/trainable_params": setup["trainable_params"]}, step=state["step"])
-    last_checkpoint = state["step"] if resuming else -1
+    last_checkpoint = state["step"] if resume_from and not fork else -1  # the fork's own run has none yet
     judge_failures_total = int(state.get("judge_failures_total", 0))
 
     def checkpoint(step: int) -> None:
@@ -212,24 +216,36 @@ def main(argv: list[str] | None = None) -> int:
 
             batch = pad_rollouts(rollouts)
             mask = batch["response_mask"]
-            with timed(times, "logprobs"):
-                old = learner.forward(ray.put(batch), len(rollouts), cfg.sampling.temperature)
-            adv = rl.advantages(algo, scores, mask, old["logprobs"], old["ref_logprobs"], old["values"],
-                                kl_ctl.value, group)
-            batch.update(logprobs=old["logprobs"], ref_logprobs=old["ref_logprobs"], advantages=adv["advantages"])
-            if old["values"] is not None:
-                batch.update(values=old["values"], returns=adv["returns"])
             plan = minibatch_plan(len(rollouts), algo.minibatch_size, cfg.learner.num_workers,
                                   cfg.learner.micro_batch_size, algo.epochs,
                                   torch.Generator().manual_seed(trainer.seed * 100_003 + step))
+            # One optimizer step on these samples, and advantages that read no logprobs (GRPO/RLOO with the KL
+            # in the loss): the old policy is the current one, so the separate no-grad pass is skipped and the
+            # learner computes the reference logprobs inside the training step (as TRL does with one iteration).
+            single_pass = len(plan) == 1 and not rl.needs_logprobs(algo)
+            if single_pass:
+                times["time/logprobs"] = 0.0
+                adv = rl.advantages(algo, scores, mask, None, None, None, kl_ctl.value, group)
+            else:
+                with timed(times, "logprobs"):
+                    old = learner.forward(ray.put(batch), len(rollouts), cfg.sampling.temperature)
+                adv = rl.advantages(algo, scores, mask, old["logprobs"], old["ref_logprobs"], old["values"],
+                                    kl_ctl.value, group)
+                batch.update(logprobs=old["logprobs"], ref_logprobs=old["ref_logprobs"])
+                if old["values"] is not None:
+                    batch.update(values=old["values"], returns=adv["returns"])
+            batch["advantages"] = adv["advantages"]
             with timed(times, "train"):
-                stats = learner.train(ray.put(batch), plan, cfg.sampling.temperature, kl_ctl.value)
+                stats, seen = learner.train(ray.put(batch), plan, cfg.sampling.temperature, kl_ctl.value,
+                                            single_pass=single_pass)
+            if single_pass:
+                old = seen  # the logprobs (policy and reference) the training pass itself computed
             with timed(times, "sync"):
                 state["version"] += 1
                 publish = learner.publish(engines.store_name, state["version"], publish_as, cfg.model.dtype)
                 engines.sync()
 
-            kl = rl.sequence_kl(adv["kl"], mask)
+            kl = rl.sequence_kl(rl.token_kl(algo, old["logprobs"], old["ref_logprobs"], mask), mask)
             kl_k3 = rl.sequence_kl(kl_estimate(old["logprobs"], old["ref_logprobs"], "k3"), mask)  # >= 0, for charts
             kl_used = kl_ctl.value
             kl_ctl.update(kl, len(rollouts))

@@ -237,16 +237,33 @@ class JudgeConfig:
 class RewardComponent:
     name: str = "judge"
     """Name under which this component's reward is logged (reward/<name>)."""
-    kind: Literal["judge", "rule"] = "judge"
-    """"judge": the configured LLM judge; "rule": a Python rule function from rayalign.judge.rules."""
+    kind: Literal["judge", "rule", "reward_model"] = "judge"
+    """"judge": the configured LLM judge; "rule": a Python rule function from rayalign.judge.rules;
+    "reward_model": a sequence classifier (HF ``AutoModelForSequenceClassification``) in its own Ray actor."""
     weight: float = 1.0
     """Weight of this component's reward in the sum."""
     rule: str = ""
     """kind=rule: the rule's name (e.g. vegetarian_lexicon)."""
+    model: str = ""
+    """kind=reward_model: an HF sequence-classifier directory (or a hub id, for clusters with a model cache).
+    One output label: reward = that logit; two: reward = logit[1] - logit[0] (log-odds of "good")."""
+    batch_size: int = 16
+    """kind=reward_model: sequences per forward pass."""
+    max_length: int = 2048
+    """kind=reward_model: longer (prompt, response) pairs fail (dropped and counted), never truncated silently."""
+    num_cpus: float = 1.0
+    """kind=reward_model: CPUs Ray reserves for the reward model's actor."""
+    num_gpus: float = 0.0
+    """kind=reward_model: GPUs for the reward model's actor (0: CPU)."""
 
     def validate(self) -> None:
         if self.kind == "rule" and not self.rule:
             raise ConfigError(f"reward component '{self.name}': kind=rule needs rule=<name>")
+        if self.kind == "reward_model":
+            if not self.model:
+                raise ConfigError(f"reward component '{self.name}': kind=reward_model needs model=<HF dir or id>")
+            require_at_least(f"reward component '{self.name}' batch_size", self.batch_size, 1)
+            require_at_least(f"reward component '{self.name}' max_length", self.max_length, 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +401,9 @@ class TrainerConfig:
     """Checkpoint folder under storage_path (empty: ppo-<date>-<time>, or the latest one when resuming)."""
     resume: bool = False
     """Continue the run in storage_path/run_name (the latest run when run_name is empty) from its last checkpoint."""
+    resume_from: str = ""
+    """Start a new run (run_name, or a fresh name) from a chosen complete checkpoint,
+    <storage>/<run>/checkpoint_<step>: its weights, optimizer, KL coefficient, step counter and prompt order."""
     output_dir: str = "./outputs"
     """Where the final policy is saved in HF format (adapter and merged model), under <output_dir>/<run_name>."""
 

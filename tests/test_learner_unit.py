@@ -85,6 +85,14 @@ def test_grpo_and_rloo_advantages_by_hand():
     logprobs = torch.tensor([[0.5, 0.5], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
     shaped = rl.advantages(AlgorithmConfig(name="rloo", kl_in="reward"), scores, mask, logprobs, zeros, None, 1.0, 2)
     assert torch.allclose(shaped["advantages"][:, 0], torch.tensor([-3.0, 3.0, 0.0, 0.0]))
+    # with the KL in the loss the group advantages read no logprobs: the driver may skip the old-policy pass
+    assert not rl.needs_logprobs(AlgorithmConfig(name="grpo", kl_in="loss"))
+    no_logprobs = rl.advantages(AlgorithmConfig(name="grpo", kl_in="loss"), scores, mask, None, None, None, 0.1, 2)
+    assert torch.equal(no_logprobs["advantages"], grpo["advantages"])
+    assert rl.needs_logprobs(AlgorithmConfig(name="rloo", kl_in="reward"))
+    assert rl.needs_logprobs(AlgorithmConfig(name="ppo", kl_in="loss"))
+    with pytest.raises(ValueError, match="needs the old-policy and reference logprobs"):
+        rl.advantages(AlgorithmConfig(name="rloo", kl_in="reward"), scores, mask, None, None, None, 1.0, 2)
 
 
 def test_ppo_advantages_use_the_values_and_shaped_rewards():
@@ -109,8 +117,7 @@ def test_prompt_order_is_a_pure_function_of_seed_and_step():
 
 
 def test_resolve_run(tmp_path):
-    storage, name, resuming = resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="a"))
-    assert (storage, name, resuming) == (str(tmp_path), "a", False)
+    assert resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="a")) == (str(tmp_path), "a", None, False)
     with pytest.raises(ConfigError, match="no run with a checkpoint"):
         resolve_run(TrainerConfig(storage_path=str(tmp_path), resume=True))
     (tmp_path / "a" / "checkpoint_000003").mkdir(parents=True)
@@ -119,9 +126,27 @@ def test_resolve_run(tmp_path):
     mark_complete(str(tmp_path), "a", 3)
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="a"))
-    assert resolve_run(TrainerConfig(storage_path=str(tmp_path), resume=True)) == (str(tmp_path), "a", True)
+    latest = str(tmp_path / "a" / "checkpoint_000003")
+    assert resolve_run(TrainerConfig(storage_path=str(tmp_path), resume=True)) == (str(tmp_path), "a", latest, False)
     with pytest.raises(ConfigError, match="holds no checkpoint"):
         resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="b", resume=True))
+
+    # resume_from: a new run starting from a chosen complete checkpoint, possibly in another storage
+    (tmp_path / "a" / "checkpoint_000001").mkdir()
+    mark_complete(str(tmp_path), "a", 1)
+    (tmp_path / "a" / "checkpoint_000002").mkdir()  # interrupted save
+    other = tmp_path / "elsewhere"
+    chosen = str(tmp_path / "a" / "checkpoint_000001")
+    assert resolve_run(TrainerConfig(storage_path=str(other), run_name="fork", resume_from=chosen + "/")) == (
+        str(other), "fork", chosen, True)
+    with pytest.raises(ConfigError, match="not a complete checkpoint.*complete ones in .*: \\[1, 3\\]"):
+        resolve_run(TrainerConfig(storage_path=str(other), resume_from=str(tmp_path / "a" / "checkpoint_000002")))
+    with pytest.raises(ConfigError, match="expected <storage>/<run>/checkpoint_<step>"):
+        resolve_run(TrainerConfig(storage_path=str(other), resume_from=str(tmp_path / "a")))
+    with pytest.raises(ConfigError, match="pick one"):
+        resolve_run(TrainerConfig(storage_path=str(tmp_path), resume=True, resume_from=chosen))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):  # forking into an existing run
+        resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="a", resume_from=chosen))
 
 
 def test_merged_weights_equal_peft_merge_and_unload():

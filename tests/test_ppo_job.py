@@ -24,6 +24,8 @@ from rayalign.learner.checkpoints import checkpoint_steps
 pytestmark = pytest.mark.slow
 
 SMALL = ["trainer.prompts_per_step=4", "sampling.max_new_tokens=32", "tracking.sample_every=1"]
+# GRPO groups of 2, the KL in the loss, one minibatch: the learner's single-pass step
+GRPO_ONE_PASS = ["algorithm.name=grpo", "sampling.n=2", "algorithm.kl_in=loss", "algorithm.minibatch_size=8"]
 
 
 def _runs(cwd: Path, experiment: str = "rayalign-ppo"):
@@ -65,6 +67,19 @@ def test_two_steps_with_the_default_reward(tmp_path, model_path):
     assert state["step"] == 2 and state["version"] == 2
     merged = tmp_path / "outputs" / run_dir.name / "merged"
     assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+
+    # the trained policy, evaluated by its MLflow run id: jobs/evaluate.py fetches the run's model/adapter
+    report_dir = tmp_path / "eval"
+    evaluated = run_job("evaluate.py", "--model", run.info.run_id, "data.limit=4", "--out", str(report_dir),
+                        cwd=tmp_path, timeout=900)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    assert [(m["label"], m["kind"]) for m in report["models"]] == [("base", "base"),
+                                                                    (f"run-{run.info.run_id[:8]}", "adapter")]
+    for m in report["models"]:
+        assert m["judge"]["violations"] + m["judge"]["passes"] + m["judge"]["failures"] == m["prompts"] == 4
+    [pair] = report["pairwise"]
+    assert pair["wins"] + pair["ties"] + pair["losses"] + pair["failed"] == 4
 
 
 # --- a judge endpoint that fails some requests, and a run killed after a checkpoint then resumed ------------------
@@ -161,6 +176,24 @@ def test_failed_judgements_are_dropped_and_a_killed_run_resumes_exactly(tmp_path
     assert all(f.value + k.value == 4 for f, k in zip(failures, kept))
     assert run.data.metrics["policy_version"] == 2
 
+    # a new run from a chosen (not the latest) checkpoint: step 1's state, so it trains step 2 on step 2's prompts
+    chosen = tmp_path / "checkpoints" / "resumable" / "checkpoint_000001"
+    fork_args = [a for a in args if not a.startswith("trainer.run_name=")]
+    forked = run_job("ppo.py", "trainer.total_steps=2", f"trainer.resume_from={chosen}", "trainer.run_name=forked",
+                     *fork_args, cwd=tmp_path, timeout=900)
+    assert forked.returncode == 0, forked.stderr[-4000:]
+    assert f"(from {chosen})" in forked.stderr
+    client, runs = _runs(tmp_path)
+    (fork_run,) = [r for r in runs if r.info.run_id != run_id]  # a new MLflow run; the original one untouched
+    assert fork_run.data.tags["resumed_from"] == str(chosen)
+    assert _steps(client, fork_run.info.run_id, "reward/mean") == [2]
+    assert _steps(client, run_id, "reward/mean") == [1, 2]
+    table = json.loads(Path(client.download_artifacts(fork_run.info.run_id, "samples/step_00002.json",
+                                                      str(tmp_path / "fork"))).read_text())
+    assert set(row[table["columns"].index("prompt")] for row in table["data"]) <= set(expected)
+    state = json.loads((tmp_path / "checkpoints" / "forked" / "checkpoint_000002" / "driver_state.json").read_text())
+    assert state["step"] == 2 and state["version"] == 2 and state["mlflow_run_id"] == fork_run.info.run_id
+
 
 # --- the user's command: ray job submit to a Ray head ---------------------------------------------------------------
 
@@ -193,7 +226,7 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
         for _ in range(24):  # a fresh head's job agent comes up some seconds after `ray start` returns
             submit = subprocess.run(
                 [f"{venv_bin}/ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".",
-                 "--", "python", "jobs/ppo.py", "trainer.total_steps=1", *SMALL,
+                 "--", "python", "jobs/ppo.py", "trainer.total_steps=1", *SMALL, *GRPO_ONE_PASS,
                  f"trainer.storage_path={tmp_path / 'checkpoints'}", f"trainer.output_dir={tmp_path / 'outputs'}"],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
             if "No available agent to submit job" not in submit.stdout + submit.stderr:
@@ -208,3 +241,7 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
     (run,) = runs
     assert run.info.status == "FINISHED" and _steps(client, run.info.run_id, "reward/mean") == [1]
     assert list((tmp_path / "checkpoints").glob("*/checkpoint_000001"))
+    # GRPO, KL in the loss, one optimizer step: no separate logprob pass, the KL still measured (from the
+    # training pass's own logprobs)
+    assert run.data.metrics["time/logprobs"] == 0.0 and run.data.metrics["train/kl_loss"] >= 0
+    assert run.data.metrics["kl/k3"] >= 0 and abs(run.data.metrics["rollout/logprob_diff"]) < 1.0

@@ -1,4 +1,4 @@
-"""Rewards from a config: the LLM judge alone, or a weighted sum of judges and rule functions.
+"""Rewards from a config: the LLM judge alone, or a weighted sum of judges, rule functions and reward models.
 
 Every reward function maps (prompts, responses) to one `Judgement` each. A composite fails a sample when any of
 its components failed on it (the caller drops and counts it); otherwise its reward is sum(w_i * reward_i), its
@@ -87,11 +87,37 @@ def build_judge(config: JudgeConfig) -> Any:
     return ServeJudge(resolve_model(config.model), config)
 
 
+def _components(config: RewardConfig) -> tuple[RewardComponent, ...]:
+    return config.components or (RewardComponent(name="judge", kind="judge", weight=1.0),)
+
+
 def build_reward(config: RewardConfig) -> CompositeReward:
-    """The reward of a config; ``components`` empty means the judge alone."""
-    components = config.components or (RewardComponent(name="judge", kind="judge", weight=1.0),)
+    """The reward of a config; ``components`` empty means the judge alone. Nothing starts until the first call;
+    a reward model that is missing or not a classifier raises here (ModelNotFoundError / ConfigError)."""
+    from rayalign.judge.reward_model import RewardModelReward
+
     judge = JudgeReward(config.judge)
     parts: list[tuple[str, float, Callable[..., list[Judgement]]]] = []
-    for c in components:
-        parts.append((c.name, c.weight, judge if c.kind == "judge" else RuleReward(c.rule, config.judge)))
+    for c in _components(config):
+        if c.kind == "judge":
+            parts.append((c.name, c.weight, judge))
+        elif c.kind == "reward_model":
+            parts.append((c.name, c.weight, RewardModelReward(c)))
+        else:
+            parts.append((c.name, c.weight, RuleReward(c.rule, config.judge)))
     return CompositeReward(parts)
+
+
+def resource_needs(config: RewardConfig) -> dict[str, float]:
+    """CPUs and GPUs the reward's actors reserve at most: the judge's replicas (vLLM backend) and each reward
+    model's actor. Rules run in the driver."""
+    components = _components(config)
+    needs = {"CPU": 0.0, "GPU": 0.0}
+    if config.judge.backend == "vllm" and any(c.kind == "judge" for c in components):
+        needs["CPU"] += config.judge.max_replicas * config.judge.engine.num_cpus
+        needs["GPU"] += config.judge.max_replicas * config.judge.engine.num_gpus
+    for c in components:
+        if c.kind == "reward_model":
+            needs["CPU"] += c.num_cpus
+            needs["GPU"] += c.num_gpus
+    return needs

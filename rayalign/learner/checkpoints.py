@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from typing import NamedTuple
 
 from rayalign.config import ConfigError, TrainerConfig
 
@@ -57,10 +58,42 @@ def checkpoint_steps(storage_path: str, run_name: str) -> list[int]:
     return [s for s in steps if COMPLETE in {n for n, _, _ in _listdir(checkpoint_dir(storage_path, run_name, s))}]
 
 
-def resolve_run(trainer: TrainerConfig, prefix: str = "ppo") -> tuple[str, str, bool]:
-    """(absolute storage path, run name, resuming). Raises ConfigError on a resume with nothing to resume, or a
-    fresh run pointed at a run that already has checkpoints (Ray Train would silently continue it)."""
+class RunPlan(NamedTuple):
+    storage: str
+    """Absolute storage path (or URI) the run checkpoints to."""
+    name: str
+    """The run's folder under ``storage``."""
+    resume_from: str | None
+    """A complete checkpoint to restore before the first step; None for a fresh start."""
+    fork: bool
+    """True when ``resume_from`` belongs to another run (``trainer.resume_from``): a new run (and a new MLflow
+    run) continues from its state; False for ``trainer.resume`` (the same run, the same MLflow run)."""
+
+
+def parse_checkpoint(path: str) -> tuple[str, str, int]:
+    """``<storage>/<run>/checkpoint_<step>`` -> (storage, run, step); ConfigError unless it names a complete
+    checkpoint."""
+    path = path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    head, base = path.rstrip("/").rsplit("/", 1)
+    storage, run = head.rsplit("/", 1) if "/" in head else ("", head)
+    m = CHECKPOINT_DIR.match(base)
+    if not m or not storage:
+        raise ConfigError(f"trainer.resume_from: expected <storage>/<run>/checkpoint_<step>, got {path}")
+    step = int(m.group(1))
+    if step not in checkpoint_steps(storage, run):
+        raise ConfigError(f"trainer.resume_from: {path} is not a complete checkpoint (missing, or its save was "
+                          f"interrupted); complete ones in {storage}/{run}: {checkpoint_steps(storage, run) or 'none'}")
+    return storage, run, step
+
+
+def resolve_run(trainer: TrainerConfig, prefix: str = "ppo") -> RunPlan:
+    """Where this job's run lives and what it starts from. Raises ConfigError on a resume with nothing to resume,
+    a ``resume_from`` that is not a complete checkpoint, or a fresh run pointed at a run that already has
+    checkpoints (Ray Train would silently continue it)."""
     storage = absolute_storage(trainer.storage_path)
+    if trainer.resume and trainer.resume_from:
+        raise ConfigError("trainer.resume and trainer.resume_from: pick one (resume continues the latest checkpoint "
+                          "of a run; resume_from starts a new run from a chosen checkpoint)")
     if trainer.resume:
         name = trainer.run_name
         if not name:
@@ -70,9 +103,13 @@ def resolve_run(trainer: TrainerConfig, prefix: str = "ppo") -> tuple[str, str, 
             name = max(runs)[1]
         elif not checkpoint_steps(storage, name):
             raise ConfigError(f"trainer.resume: {storage}/{name} holds no checkpoint")
-        return storage, name, True
+        return RunPlan(storage, name, checkpoint_dir(storage, name, checkpoint_steps(storage, name)[-1]), False)
+    resume_from = None
+    if trainer.resume_from:
+        source_storage, source_run, step = parse_checkpoint(trainer.resume_from)
+        resume_from = checkpoint_dir(source_storage, source_run, step)
     name = trainer.run_name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     if checkpoint_steps(storage, name):
         raise ConfigError(f"trainer.run_name: {storage}/{name} already holds checkpoints; pass trainer.resume=true "
                           "to continue it, or choose another run name")
-    return storage, name, False
+    return RunPlan(storage, name, resume_from, resume_from is not None)

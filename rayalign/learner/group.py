@@ -127,33 +127,29 @@ class Learner:
 
     def forward(self, batch_ref: Any, num_rows: int, temperature: float) -> dict[str, Any]:
         """Old logprobs, reference logprobs and values for every row, computed by all ranks in parallel."""
-        import torch
-
         shards = [list(range(num_rows))[r::self.world_size] for r in range(self.world_size)]
         replies = self._call("forward", [{"batch_ref": batch_ref, "rows": rows, "temperature": temperature}
                                          for rows in shards])
-        out: dict[str, Any] = {}
-        order = torch.tensor([i for rows in shards for i in rows]).argsort()
-        for key in ("logprobs", "ref_logprobs", "values"):
-            parts = [r[key] for r in replies if r[key] is not None]
-            if parts:
-                width = max(p.shape[1] for p in parts)
-                parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
-                out[key] = torch.cat(parts)[order]
-            else:
-                out[key] = None
-        return out
+        return _in_row_order(replies, shards, ("logprobs", "ref_logprobs", "values"))
 
-    def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float) -> dict[str, float]:
-        """One step's updates; returns the statistics averaged over ranks (token-weighted)."""
-        replies = self._call("train", batch_ref=batch_ref, plan=plan, temperature=temperature, kl_coef=kl_coef)
+    def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float,
+              single_pass: bool = False) -> tuple[dict[str, float], dict[str, Any] | None]:
+        """One step's updates. Returns the statistics averaged over ranks (token-weighted) and, with
+        ``single_pass`` (see `LearnerWorker.train`), the ``logprobs`` and ``ref_logprobs`` of every row in row
+        order, as `forward` would have given them; otherwise None."""
+        replies = self._call("train", batch_ref=batch_ref, plan=plan, temperature=temperature, kl_coef=kl_coef,
+                             single_pass=single_pass)
+        seen = None
+        if single_pass:
+            seen = _in_row_order(replies, [r.pop("rows") for r in replies], ("logprobs", "ref_logprobs"))
         tokens = sum(r.get("tokens", 0.0) for r in replies) or 1.0
-        keys = {k for r in replies for k in r} - {"tokens", "optimizer_steps", "lr", "grad_norm"}
+        keys = {k for r in replies for k in r} - {"tokens", "optimizer_steps", "lr", "grad_norm", "logprobs",
+                                                  "ref_logprobs"}
         stats = {k: sum(r.get(k, 0.0) * r.get("tokens", 0.0) for r in replies) / tokens for k in keys}
         stats.update(optimizer_steps=replies[0]["optimizer_steps"], lr=replies[0]["lr"])
         if "grad_norm" in replies[0]:
             stats["grad_norm"] = replies[0]["grad_norm"]
-        return stats
+        return stats, seen
 
     def publish(self, store_name: str, version: int, transport: str, dtype: str) -> dict[str, Any]:
         import ray
@@ -179,6 +175,25 @@ class Learner:
             ray.get(self.fit_ref, timeout=300)
         finally:
             ray.kill(self.hub, no_restart=True)
+
+
+def _in_row_order(replies: list[dict[str, Any]], rows_per_rank: list[list[int]],
+                  keys: tuple[str, ...]) -> dict[str, Any]:
+    """Stack the ranks' (rows_r, T) tensors under each key into one (B, T) tensor ordered by row index (None
+    where no rank returned the key)."""
+    import torch
+
+    order = torch.tensor([i for rows in rows_per_rank for i in rows]).argsort()
+    out: dict[str, Any] = {}
+    for key in keys:
+        parts = [r[key] for r in replies if r.get(key) is not None]
+        if parts:
+            width = max(p.shape[1] for p in parts)
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
+            out[key] = torch.cat(parts)[order]
+        else:
+            out[key] = None
+    return out
 
 
 def _train_loop(spec: dict[str, Any]) -> None:

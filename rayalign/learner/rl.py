@@ -14,33 +14,50 @@ from rayalign.algorithms.kl import kl_estimate, kl_shaped_rewards
 from rayalign.config import AlgorithmConfig
 
 
-def advantages(algo: AlgorithmConfig, scores: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
-               ref_logprobs: torch.Tensor, values: torch.Tensor | None, kl_coef: float,
+def needs_logprobs(algo: AlgorithmConfig) -> bool:
+    """Whether `advantages` reads the old-policy and reference logprobs (PPO always: values and KL-shaped
+    rewards; GRPO / RLOO only with the KL in the reward)."""
+    return algo.name == "ppo" or algo.kl_in == "reward"
+
+
+def token_kl(algo: AlgorithmConfig, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) with the configured estimator, 0 on padding. (B, T)."""
+    return kl_estimate(logprobs, ref_logprobs, algo.kl_estimator) * mask
+
+
+def advantages(algo: AlgorithmConfig, scores: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor | None,
+               ref_logprobs: torch.Tensor | None, values: torch.Tensor | None, kl_coef: float,
                group_size: int) -> dict[str, torch.Tensor]:
-    """scores (B,), the rest (B, T). Returns ``advantages`` (B, T), ``returns`` (B, T; PPO only) and ``kl`` (B, T).
+    """scores (B,), the rest (B, T). Returns ``advantages`` (B, T) and ``returns`` (B, T; PPO only).
 
     PPO: KL-shaped token rewards (when ``kl_in == "reward"``), GAE, whitening. GRPO / RLOO: a sequence-level
     advantage from the prompt's group (``group_size`` consecutive rows), the same for every token; with
-    ``kl_in == "reward"`` the sequence KL is subtracted from the score first.
+    ``kl_in == "reward"`` the sequence KL is subtracted from the score first. The logprobs may be None when
+    `needs_logprobs` is false.
     """
-    kl = kl_estimate(logprobs, ref_logprobs, algo.kl_estimator) * mask
+    if needs_logprobs(algo) and (logprobs is None or ref_logprobs is None):
+        raise ValueError(f"{algo.name} with kl_in={algo.kl_in} needs the old-policy and reference logprobs")
     reward_kl_coef = kl_coef if algo.kl_in == "reward" else 0.0
     if algo.name == "ppo":
+        kl = token_kl(algo, logprobs, ref_logprobs, mask)
         if values is None:
             raise ValueError("PPO needs the value head's values")
         token_rewards = kl_shaped_rewards(scores, kl, mask, reward_kl_coef)
         adv, returns = gae(token_rewards, values, mask, algo.gamma, algo.lam)
         if algo.whiten_advantages:
             adv = masked_whiten(adv, mask)
-        return {"advantages": adv, "returns": returns, "kl": kl}
-    shaped = scores - reward_kl_coef * kl.sum(dim=1)
+        return {"advantages": adv, "returns": returns}
+    shaped = scores
+    if algo.kl_in == "reward":
+        shaped = scores - reward_kl_coef * token_kl(algo, logprobs, ref_logprobs, mask).sum(dim=1)
     if algo.name == "grpo":
         seq = grpo_advantages(shaped, group_size)
     elif algo.name == "rloo":
         seq = rloo_advantages(shaped, group_size)
     else:
         raise ValueError(f"unknown algorithm {algo.name!r}")
-    return {"advantages": seq[:, None] * mask, "kl": kl}
+    return {"advantages": seq[:, None] * mask}
 
 
 def sequence_kl(kl: torch.Tensor, mask: torch.Tensor) -> float:

@@ -170,12 +170,19 @@ class LearnerWorker:
         self.engine.train()
         return {k: torch.cat(v) if v else None for k, v in out.items()}
 
-    def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float) -> dict[str, float]:
+    def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float,
+              single_pass: bool = False) -> dict[str, Any]:
         """PPO-style updates over the driver's plan (``plan[minibatch][rank][micro]`` = row indices).
 
         Each micro-batch's loss is its token mean scaled by its share of the minibatch's tokens (times the
         accumulation steps and the world size, which DeepSpeed divides out), so one optimizer step minimises
         the token mean over the whole minibatch, padding rows included as zeros.
+
+        ``single_pass``: the plan is one optimizer step on freshly sampled rows and the batch carries no
+        ``logprobs`` / ``ref_logprobs`` (the driver skipped `forward`). The old policy is then the current one:
+        its logprobs are this pass's own, detached (ratio 1, the gradient unchanged), and the reference
+        logprobs are computed here, micro-batch by micro-batch. The reply adds ``rows``, ``logprobs`` and
+        ``ref_logprobs`` (this rank's rows, as `forward` would have returned them) for the driver's KL figures.
         """
         import ray
         import torch
@@ -191,13 +198,25 @@ class LearnerWorker:
         tokens_seen = 0.0
         grad_norms = []
         accumulation = len(plan[0][0]) if plan else 1
+        if single_pass and len(plan) != 1:
+            raise ValueError(f"single_pass needs a plan of exactly one optimizer step, got {len(plan)}")
+        seen: dict[str, list] = {"rows": [], "logprobs": [], "ref_logprobs": []}
         for minibatch in plan:
             all_rows = [r for part in minibatch for micro in part for r in micro if r >= 0]
             minibatch_tokens = float(batch["response_mask"][all_rows].sum()) if all_rows else 0.0
             for micro_rows in minibatch[self.rank]:
                 mb = select_rows(batch, micro_rows)
                 mask = mb["response_mask"].to(self.device)
+                if single_pass:
+                    with torch.no_grad():
+                        mb["ref_logprobs"] = self._forward(mb, temperature, reference=True)[0].float().cpu()
                 logprobs, values, selected = self._forward(mb, temperature)
+                if single_pass:
+                    mb["logprobs"] = logprobs.detach().float().cpu()
+                    real = [i for i, r in enumerate(micro_rows) if r >= 0]
+                    seen["rows"] += [micro_rows[i] for i in real]
+                    seen["logprobs"].append(mb["logprobs"][real])
+                    seen["ref_logprobs"].append(mb["ref_logprobs"][real])
                 pg, pg_stats = policy_loss(logprobs, mb["logprobs"].to(self.device), mb["advantages"].to(self.device),
                                            mask, algo.clip_eps)
                 loss = pg
@@ -231,6 +250,9 @@ class LearnerWorker:
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = float(self.engine.get_lr()[0])
+        if single_pass:
+            out.update(rows=seen["rows"], logprobs=torch.cat(seen["logprobs"]) if seen["rows"] else None,
+                       ref_logprobs=torch.cat(seen["ref_logprobs"]) if seen["rows"] else None)
         return out
 
     def publish(self, store_name: str, namespace: str, version: int, transport: str, dtype: str) -> dict[str, Any]:

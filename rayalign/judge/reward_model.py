@@ -1,0 +1,121 @@
+"""Reward-model components: a sequence classifier scores (prompt, response) pairs in its own Ray actor.
+
+The classic RLHF reward (InstructGPT; what TRL's `RewardTrainer` produces): a language model with a scalar head
+that reads the whole conversation. Its output already is a reward, unbounded, so no logit transform is applied:
+one output label gives that logit, two give ``logit[1] - logit[0]`` (the log-odds of "good"). The ``score``
+(shown in sample tables, averaged in composites) is ``sigmoid(reward)``, in [0, 1].
+
+A pair longer than ``max_length`` tokens or a non-finite output is a failed judgement (``None``, dropped and
+counted by the caller), never a 0 and never silently truncated. A directory that holds a causal LM rather than
+a classifier is refused when the reward is built: transformers would otherwise bolt a random head onto it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from rayalign.config import ConfigError, RewardComponent
+from rayalign.types import Judgement
+
+
+def check_classifier(path: str) -> None:
+    """Raise ConfigError unless the HF directory ``path`` holds a sequence classifier with 1 or 2 labels (hub ids
+    are checked when the actor loads them)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"reward model {path} is not a sequence classifier (architectures: {archs or 'none'}); "
+                          "a reward_model component needs an AutoModelForSequenceClassification checkpoint")
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+    if labels not in (1, 2):
+        raise ConfigError(f"reward model {path} has {labels} labels; expected 1 (a scalar reward) or 2 (bad/good)")
+
+
+class RewardModelScorer:
+    """The actor body: tokenizer + classifier, scoring in batches without gradients."""
+
+    def __init__(self, path: str, batch_size: int, max_length: int, use_gpu: bool):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.device = "cuda" if use_gpu else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        dtype = torch.bfloat16 if use_gpu else torch.float32
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:  # the head pools the last non-pad token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.tokenizer.padding_side = "right"
+        self.labels = self.model.config.num_labels
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def _ids(self, prompt: str, response: str) -> list[int]:
+        if self.tokenizer.chat_template:
+            return list(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                tokenize=True, return_dict=True)["input_ids"])
+        return self.tokenizer(prompt, response)["input_ids"]
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[float | None, str]]:
+        """(reward, "") per pair, or (None, why) for a pair that cannot be scored."""
+        import torch
+
+        ids = [self._ids(p, r) for p, r in zip(prompts, responses, strict=True)]
+        out: list[tuple[float | None, str]] = [(None, "")] * len(ids)
+        fits = []
+        for i, seq in enumerate(ids):
+            if len(seq) > self.max_length:
+                out[i] = (None, f"{len(seq)} tokens, over the reward model's max_length {self.max_length}")
+            else:
+                fits.append(i)
+        for start in range(0, len(fits), self.batch_size):
+            rows = fits[start:start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+            with torch.no_grad():
+                logits = self.model(input_ids=batch["input_ids"].to(self.device),
+                                    attention_mask=batch["attention_mask"].to(self.device)).logits.float().cpu()
+            values = logits[:, 0] if self.labels == 1 else logits[:, 1] - logits[:, 0]
+            for i, v in zip(rows, values.tolist()):
+                out[i] = (v, "") if math.isfinite(v) else (None, f"non-finite reward-model output {v}")
+        return out
+
+
+class RewardModelReward:
+    """A reward_model component: the actor is started on first use (so building a reward starts nothing)."""
+
+    def __init__(self, component: RewardComponent):
+        from rayalign.models import resolve_model
+
+        self.component = component
+        self.path = resolve_model(component.model)
+        check_classifier(self.path)
+        self.actor: Any = None
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
+        import ray
+
+        from rayalign.resources import worker_env
+
+        c = self.component
+        if self.actor is None:
+            self.actor = ray.remote(RewardModelScorer).options(
+                num_cpus=c.num_cpus, num_gpus=c.num_gpus, max_restarts=1, max_task_retries=1,
+                runtime_env={"env_vars": worker_env()},
+            ).remote(self.path, c.batch_size, c.max_length, c.num_gpus > 0)
+        scored = ray.get(self.actor.score.remote(list(prompts), list(responses)))
+        return [Judgement(0.5 * (1.0 + math.tanh(r / 2)), r, raw=f"{r:.4f}") if r is not None
+                else Judgement(None, None, error=why) for r, why in scored]
+
+    def shutdown(self) -> None:
+        if self.actor is not None:
+            import ray
+
+            ray.kill(self.actor, no_restart=True)
+            self.actor = None
