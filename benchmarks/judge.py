@@ -4,7 +4,8 @@
   serve_one_request  the whole list in one request (`judge_many`, what the training driver sends)
   direct             JudgeCore (the same vLLM engine code) called in this process with the whole batch
 Same judge (the default: SmolLM2, score mode, vegetarian rubric), same pairs from the shipped validation set, the
-same cores (the Serve replica's engine and the direct one are bound to the same cores and take turns).
+same cores (the Serve replica's engine and the direct one are bound to the same cores and take turns), the same
+process priority (Ray's workers run at nice 15 by default; here at 0, like this process).
 The ways are measured interleaved (each repeat runs all four back to back, in a rotating order), so a slow spell
 on this shared machine hits them alike; figures are medians over repeats, and the ratios are medians of the
 per-repeat ratios (numerator and denominator measured seconds apart).
@@ -60,6 +61,9 @@ def main() -> None:
 
     config = JudgeConfig()  # the default judge: score mode, batches of up to 32, 0.1 s batch wait
     model_path = resolve_model(config.model)
+    # Ray starts its workers (the Serve replica) at nice 15, and the direct engine runs in this process at nice 0:
+    # on a busy machine that alone tilts the comparison, so both run at the same priority here
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     judge = ServeJudge(model_path, config)
     handle = judge.handle

@@ -11,7 +11,8 @@ import torch
 from rayalign.config import AlgorithmConfig, ConfigError, TrainerConfig
 from rayalign.data.prompts import prompt_indices
 from rayalign.learner import rl
-from rayalign.learner.batch import minibatch_plan, pad_rollouts, response_positions, select_rows, token_logprobs
+from rayalign.learner.batch import (logits_from, minibatch_plan, pad_rollouts, response_positions, select_rows,
+                                    token_logprobs)
 from rayalign.learner.checkpoints import mark_complete, resolve_run
 from rayalign.types import Rollout
 
@@ -46,6 +47,11 @@ def test_token_logprobs_pick_the_predicting_position():
             expected = torch.log_softmax(logits[b, start + t - 1] / 0.5, -1)[batch["input_ids"][b, start + t]]
             assert math.isclose(logp[b, t].item(), expected.item(), rel_tol=1e-5)
     assert selected.shape == (2, 2, V)
+    # the same from the logits of positions >= logits_from(positions) only (what the learner asks HF for)
+    first = logits_from(positions)
+    assert first == 0 and logits_from(positions[:1]) == 1
+    logp_tail, _ = token_logprobs(logits[:1, 1:], batch["input_ids"][:1], positions[:1], 0.5, first=1)
+    assert torch.allclose(logp_tail, logp[:1])
 
 
 def test_minibatch_plan_covers_rows_once_per_epoch_and_pads_evenly():

@@ -68,18 +68,25 @@ def test_two_steps_with_the_default_reward(tmp_path, model_path):
     merged = tmp_path / "outputs" / run_dir.name / "merged"
     assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
 
-    # the trained policy, evaluated by its MLflow run id: jobs/evaluate.py fetches the run's model/adapter
+    # the trained policy, evaluated by its MLflow run id (jobs/evaluate.py fetches the run's model/adapter) and as
+    # the merged HF directory the job saved (its own engine)
     report_dir = tmp_path / "eval"
-    evaluated = run_job("evaluate.py", "--model", run.info.run_id, "data.limit=4", "--out", str(report_dir),
-                        cwd=tmp_path, timeout=900)
+    evaluated = run_job("evaluate.py", "--model", run.info.run_id, "--model", str(merged), "data.limit=4",
+                        "--out", str(report_dir), cwd=tmp_path, timeout=900)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     report = json.loads((report_dir / "report.json").read_text())
-    assert [(m["label"], m["kind"]) for m in report["models"]] == [("base", "base"),
-                                                                    (f"run-{run.info.run_id[:8]}", "adapter")]
+    assert [m["kind"] for m in report["models"]] == ["base", "adapter", "merged"]
+    assert report["models"][1]["label"] == f"run-{run.info.run_id[:8]}"
     for m in report["models"]:
         assert m["judge"]["violations"] + m["judge"]["passes"] + m["judge"]["failures"] == m["prompts"] == 4
-    [pair] = report["pairwise"]
-    assert pair["wins"] + pair["ties"] + pair["losses"] + pair["failed"] == 4
+    assert len(report["pairwise"]) == 2
+    for pair in report["pairwise"]:
+        assert pair["wins"] + pair["ties"] + pair["losses"] + pair["failed"] == 4
+    answers = [json.loads(line) for line in (report_dir / "samples.jsonl").read_text().splitlines()]
+    by_model = {m["label"]: [a["response"] for a in answers if a["model"] == m["label"]] for m in report["models"]}
+    # greedy answers of the adapter on the base and of the merged weights: the same policy, the same first words
+    adapter_answers, merged_answers = by_model[report["models"][1]["label"]], by_model[report["models"][2]["label"]]
+    assert sum(a.split()[:5] == b.split()[:5] for a, b in zip(adapter_answers, merged_answers)) >= 2
 
 
 # --- a judge endpoint that fails some requests, and a run killed after a checkpoint then resumed ------------------

@@ -47,6 +47,12 @@ def response_positions(response_start: torch.Tensor, T: int, L: int) -> torch.Te
     return idx.clamp(min=0, max=L - 2)
 
 
+def logits_from(positions: torch.Tensor) -> int:
+    """The first position whose logits a forward pass must produce: the language-model head (a 49k-vocabulary
+    matmul) then runs on the response part alone (HF ``logits_to_keep = L - first``), not on the prompts."""
+    return int(positions.min())
+
+
 def gather_response(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Pick rows of ``hidden`` (B, L, ...) at ``positions`` (B, T) -> (B, T, ...)."""
     index = positions
@@ -56,13 +62,14 @@ def gather_response(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tens
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   temperature: float = 1.0, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the response tokens under ``logits / temperature``.
 
-    logits (B, L, V), input_ids (B, L), positions (B, T) from `response_positions`.
+    logits (B, L - first, V): the logits of positions ``first`` .. L-1 (all of them by default; see `logits_from`),
+    input_ids (B, L), positions (B, T) from `response_positions`.
     Returns logprobs (B, T) and the selected, temperature-scaled float logits (B, T, V) (for the entropy).
     """
-    selected = gather_response(logits, positions).float() / temperature
+    selected = gather_response(logits, positions - first).float() / temperature
     targets = input_ids.gather(1, positions + 1)
     logp = torch.log_softmax(selected, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return logp, selected

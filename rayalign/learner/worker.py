@@ -38,8 +38,10 @@ def _build_policy(model_path: str, learner: Any, lora: Any, value_head: bool) ->
                 torch.nn.init.normal_(self.value_head.weight, std=1e-3)
                 torch.nn.init.zeros_(self.value_head.bias)
 
-        def forward(self, input_ids, attention_mask):  # (B, L) -> logits (B, L, V), hidden (B, L, H) | None
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+        def forward(self, input_ids, attention_mask, logits_to_keep=0):
+            """(B, L) -> logits (B, L, V) (the last ``logits_to_keep`` positions only, when > 0),
+            hidden (B, L, H) | None."""
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
                           output_hidden_states=self.value_head is not None, use_cache=False)
             hidden = out.hidden_states[-1] if self.value_head is not None else None
             return out.logits, hidden
@@ -126,22 +128,25 @@ class LearnerWorker:
                 "threads": torch.get_num_threads()}
 
     def _forward(self, mb: dict[str, Any], temperature: float, reference: bool = False):
-        from rayalign.learner.batch import gather_response, response_positions, token_logprobs
+        from rayalign.learner.batch import gather_response, logits_from, response_positions, token_logprobs
 
         input_ids = mb["input_ids"].to(self.device)
         attention_mask = mb["attention_mask"].to(self.device)
         positions = response_positions(mb["response_start"].to(self.device), mb["response_mask"].shape[1],
                                        input_ids.shape[1])
+        first = logits_from(positions)
+        keep = input_ids.shape[1] - first  # logits of the response positions only, not the prompts'
         if reference:
             if self.reference is not None:
-                logits = self.reference(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                logits = self.reference(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                                        use_cache=False).logits
             else:
                 with self.policy.lm.disable_adapter():
                     logits = self.policy.lm(input_ids=input_ids, attention_mask=attention_mask,
-                                            use_cache=False).logits
-            return token_logprobs(logits, input_ids, positions, temperature)[0], None, None
-        logits, hidden = self.engine(input_ids, attention_mask)
-        logprobs, selected = token_logprobs(logits, input_ids, positions, temperature)
+                                            logits_to_keep=keep, use_cache=False).logits
+            return token_logprobs(logits, input_ids, positions, temperature, first)[0], None, None
+        logits, hidden = self.engine(input_ids, attention_mask, logits_to_keep=keep)
+        logprobs, selected = token_logprobs(logits, input_ids, positions, temperature, first)
         values = None
         if hidden is not None:
             values = self.policy.value_head(gather_response(hidden, positions)).squeeze(-1).float()
