@@ -97,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from rayalign.data.prompts import DatasetError, load_prompts, prompt_indices
+    from rayalign.judge.reward import build_reward, resource_needs
     from rayalign.learner.checkpoints import mark_complete, resolve_run
     from rayalign.models import ModelNotFoundError, resolve_model
-
-    from rayalign.judge.reward import build_reward, resource_needs
 
     try:
         dataset = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("run %s in %s (%s); %d prompts from %s", run_name, storage, started,
              len(dataset.prompts), dataset.source)
 
-    # -- build the pieces: learner first (it holds the resumed state), then engines and the reward ----------
+    # -- start the pieces: learner first (it holds the resumed state), then the engines ---------------------
     learner = Learner(model_path, learner=cfg.learner, lora=cfg.lora, algorithm=algo, storage_path=storage,
                       run_name=run_name, seed=trainer.seed, resume_from=resume_from)
     setup = learner.setup()
