@@ -255,6 +255,8 @@ class RewardComponent:
     """kind=reward_model: CPUs Ray reserves for the reward model's actor."""
     num_gpus: float = 0.0
     """kind=reward_model: GPUs for the reward model's actor (0: CPU)."""
+    timeout_s: float = 600.0
+    """kind=reward_model: seconds one scoring call may take before the reward model counts as unavailable."""
 
     def validate(self) -> None:
         if self.kind == "rule" and not self.rule:
@@ -264,6 +266,9 @@ class RewardComponent:
                 raise ConfigError(f"reward component '{self.name}': kind=reward_model needs model=<HF dir or id>")
             require_at_least(f"reward component '{self.name}' batch_size", self.batch_size, 1)
             require_at_least(f"reward component '{self.name}' max_length", self.max_length, 8)
+            if self.num_cpus < 0 or self.num_gpus < 0 or self.timeout_s <= 0:
+                raise ConfigError(f"reward component '{self.name}': num_cpus and num_gpus must be >= 0 and "
+                                  f"timeout_s > 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,9 +47,12 @@ def test_token_logprobs_pick_the_predicting_position():
             expected = torch.log_softmax(logits[b, start + t - 1] / 0.5, -1)[batch["input_ids"][b, start + t]]
             assert math.isclose(logp[b, t].item(), expected.item(), rel_tol=1e-5)
     assert selected.shape == (2, 2, V)
-    # the same from the logits of positions >= logits_from(positions) only (what the learner asks HF for)
-    first = logits_from(positions)
-    assert first == 0 and logits_from(positions[:1]) == 1
+    # the same from the logits of positions >= logits_from(...) only (what the learner asks HF for)
+    mask = batch["response_mask"]
+    assert logits_from(positions, mask) == 0 and logits_from(positions[:1], mask[:1]) == 1
+    padded = select_rows(batch, [0, -1])  # a padding row (no response) does not pull the first position to 0
+    assert logits_from(response_positions(padded["response_start"], 2, 4), padded["response_mask"]) == 1
+    assert logits_from(positions, torch.zeros_like(mask)) == 0
     logp_tail, _ = token_logprobs(logits[:1, 1:], batch["input_ids"][:1], positions[:1], 0.5, first=1)
     assert torch.allclose(logp_tail, logp[:1])
 
@@ -178,3 +181,14 @@ def test_merged_weights_equal_peft_merge_and_unload():
         assert torch.allclose(merged[name], tensor, atol=1e-6), name
     assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"],
                               lm.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)
+
+
+def test_rank_replies_are_put_back_in_row_order():
+    from rayalign.learner.group import _in_row_order
+
+    replies = [{"logprobs": torch.tensor([[2.0], [0.0]]), "values": None},
+               {"logprobs": torch.tensor([[1.0, 9.0]]), "values": None}]  # ranks may differ in width
+    out = _in_row_order(replies, [[2, 0], [1]], ("logprobs", "values"))
+    assert out["logprobs"].tolist() == [[0.0, 0.0], [1.0, 9.0], [2.0, 0.0]] and out["values"] is None
+    with pytest.raises(ValueError, match="not each of"):
+        _in_row_order(replies, [[2, 2], [1]], ("logprobs",))

@@ -122,3 +122,21 @@ def test_validate_judge_on_a_reward_model_composite(tmp_path, classifier):
     assert metrics["components"] == ["lexicon", "rm"] and metrics["judged"] == 6
     results = [json.loads(line) for line in (Path(metrics["out"]) / "results.jsonl").read_text().splitlines()]
     assert all(set(r["components"]) == {"lexicon", "rm"} for r in results)
+
+
+@pytest.mark.slow
+def test_a_reward_model_that_cannot_load_stops_the_reward_with_one_line(local_ray, tmp_path):
+    from rayalign.judge.openai_judge import JudgeUnavailableError
+    from rayalign.judge.reward import build_reward
+
+    broken = tmp_path / "broken"  # a classifier's config.json, but no weights or tokenizer: the actor cannot load
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"],
+                                                    "model_type": "llama", "num_labels": 1}))
+    reward = build_reward(RewardConfig(components=(RewardComponent(name="rm", kind="reward_model",
+                                                                   model=str(broken)),)))
+    try:
+        with pytest.raises(JudgeUnavailableError, match=r"reward model 'rm' \(.*broken\) is unavailable: .+"):
+            reward(["q"], ["a"])
+    finally:
+        reward.shutdown()

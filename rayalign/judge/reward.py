@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence
 
-from rayalign.config import JudgeConfig, RewardComponent, RewardConfig
+from rayalign.config import ConfigError, JudgeConfig, RewardComponent, RewardConfig
 from rayalign.judge.rules import RULES
 from rayalign.judge.scoring import score_to_reward
 from rayalign.types import Judgement
@@ -22,7 +22,7 @@ class RewardFunction(Protocol):
 class RuleReward:
     def __init__(self, name: str, judge: JudgeConfig):
         if name not in RULES:
-            raise ValueError(f"unknown rule '{name}' (known: {', '.join(sorted(RULES))})")
+            raise ConfigError(f"unknown rule '{name}' (known: {', '.join(sorted(RULES))})")
         self.fn = RULES[name]
         self.transform, self.clamp = judge.transform, (judge.clamp[0], judge.clamp[1])
 

@@ -21,13 +21,17 @@ from rayalign.config import ConfigError, RewardComponent
 from rayalign.types import Judgement
 
 
-def check_classifier(path: str) -> None:
-    """Raise ConfigError unless the HF directory ``path`` holds a sequence classifier with 1 or 2 labels (hub ids
-    are checked when the actor loads them)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return
-    config = json.loads(config_file.read_text())
+def check_classifier(path: str, config: dict[str, Any] | None = None) -> None:
+    """Raise ConfigError unless ``config`` (default: the HF directory ``path``'s config.json) describes a sequence
+    classifier with 1 or 2 labels. Hub ids have no local config; the actor checks those when it loads them."""
+    if config is None:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            return
+        try:
+            config = json.loads(config_file.read_text())
+        except ValueError as e:
+            raise ConfigError(f"reward model {path}: config.json is not valid JSON ({e})") from e
     archs = config.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ConfigError(f"reward model {path} is not a sequence classifier (architectures: {archs or 'none'}); "
@@ -42,8 +46,9 @@ class RewardModelScorer:
 
     def __init__(self, path: str, batch_size: int, max_length: int, use_gpu: bool):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+        check_classifier(path, AutoConfig.from_pretrained(path).to_dict())  # hub ids are first seen here
         self.device = "cuda" if use_gpu else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         dtype = torch.bfloat16 if use_gpu else torch.float32
@@ -109,7 +114,15 @@ class RewardModelReward:
                 num_cpus=c.num_cpus, num_gpus=c.num_gpus, max_restarts=1, max_task_retries=1,
                 runtime_env={"env_vars": worker_env()},
             ).remote(self.path, c.batch_size, c.max_length, c.num_gpus > 0)
-        scored = ray.get(self.actor.score.remote(list(prompts), list(responses)))
+        try:
+            scored = ray.get(self.actor.score.remote(list(prompts), list(responses)), timeout=c.timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            # the actor failed to load, died twice or hangs: as for a dead judge endpoint, the job stops cleanly
+            from rayalign.judge.openai_judge import JudgeUnavailableError
+
+            raise JudgeUnavailableError(f"reward model '{c.name}' ({self.path}) is unavailable: "
+                                        f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}",
+                                        [None] * len(prompts)) from e
         return [Judgement(0.5 * (1.0 + math.tanh(r / 2)), r, raw=f"{r:.4f}") if r is not None
                 else Judgement(None, None, error=why) for r, why in scored]
 

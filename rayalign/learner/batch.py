@@ -47,10 +47,12 @@ def response_positions(response_start: torch.Tensor, T: int, L: int) -> torch.Te
     return idx.clamp(min=0, max=L - 2)
 
 
-def logits_from(positions: torch.Tensor) -> int:
-    """The first position whose logits a forward pass must produce: the language-model head (a 49k-vocabulary
-    matmul) then runs on the response part alone (HF ``logits_to_keep = L - first``), not on the prompts."""
-    return int(positions.min())
+def logits_from(positions: torch.Tensor, response_mask: torch.Tensor) -> int:
+    """The first position whose logits a forward pass must produce, over the rows that have a response (padding
+    rows have none; clamp their positions to it): the language-model head (a 49k-vocabulary matmul) then runs on
+    the response part alone (HF ``logits_to_keep = L - first``), not on the prompts."""
+    real = response_mask.bool().any(dim=1)
+    return int(positions[real].min()) if bool(real.any()) else 0
 
 
 def gather_response(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

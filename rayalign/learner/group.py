@@ -183,7 +183,10 @@ def _in_row_order(replies: list[dict[str, Any]], rows_per_rank: list[list[int]],
     where no rank returned the key)."""
     import torch
 
-    order = torch.tensor([i for rows in rows_per_rank for i in rows]).argsort()
+    rows = [i for part in rows_per_rank for i in part]
+    if sorted(rows) != list(range(len(rows))):
+        raise ValueError(f"the ranks returned rows {sorted(rows)}, not each of 0..{len(rows) - 1} once")
+    order = torch.tensor(rows).argsort()
     out: dict[str, Any] = {}
     for key in keys:
         parts = [r[key] for r in replies if r.get(key) is not None]

@@ -134,7 +134,8 @@ class LearnerWorker:
         attention_mask = mb["attention_mask"].to(self.device)
         positions = response_positions(mb["response_start"].to(self.device), mb["response_mask"].shape[1],
                                        input_ids.shape[1])
-        first = logits_from(positions)
+        first = logits_from(positions, mb["response_mask"])
+        positions = positions.clamp(min=first)  # moves only padding rows' (masked) positions
         keep = input_ids.shape[1] - first  # logits of the response positions only, not the prompts'
         if reference:
             if self.reference is not None:
