@@ -139,22 +139,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from rayalign.evaluation.metrics import binary_metrics, roc_auc
     from rayalign.judge.openai_judge import JudgeUnavailableError
-    from rayalign.judge.reward import build_reward
+    from rayalign.judge.reward import build_reward, uses_ray
     from rayalign.models import ModelNotFoundError
     from rayalign.resources import init_ray
     from rayalign.tracking import Tracker
 
     out = Path(cfg.out) / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    components = cfg.reward.components or (C.RewardComponent(),)
-    uses_ray = any(c.kind == "reward_model" for c in components) or (
-        cfg.reward.judge.backend == "vllm" and any(c.kind == "judge" for c in components))
     try:
         reward = build_reward(cfg.reward)  # starts nothing yet
     except (ModelNotFoundError, C.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if uses_ray:  # the Serve judge and reward-model actors
+    if uses_ray(cfg.reward):  # the Serve judge and reward-model actors
         init_ray(cfg.ray)
     results: list[dict] = []
     status = 0

@@ -108,15 +108,24 @@ def build_reward(config: RewardConfig) -> CompositeReward:
     return CompositeReward(parts)
 
 
+def _serves_judge(config: RewardConfig) -> bool:
+    """Whether a judge component runs on the Serve deployment (the vLLM backend) rather than an endpoint."""
+    return config.judge.backend == "vllm" and any(c.kind == "judge" for c in _components(config))
+
+
+def uses_ray(config: RewardConfig) -> bool:
+    """Whether the reward starts Ray actors (the Serve judge, reward models), i.e. needs Ray initialised."""
+    return _serves_judge(config) or any(c.kind == "reward_model" for c in _components(config))
+
+
 def resource_needs(config: RewardConfig) -> dict[str, float]:
     """CPUs and GPUs the reward's actors reserve at most: the judge's replicas (vLLM backend) and each reward
     model's actor. Rules run in the driver."""
-    components = _components(config)
     needs = {"CPU": 0.0, "GPU": 0.0}
-    if config.judge.backend == "vllm" and any(c.kind == "judge" for c in components):
+    if _serves_judge(config):
         needs["CPU"] += config.judge.max_replicas * config.judge.engine.num_cpus
         needs["GPU"] += config.judge.max_replicas * config.judge.engine.num_gpus
-    for c in components:
+    for c in _components(config):
         if c.kind == "reward_model":
             needs["CPU"] += c.num_cpus
             needs["GPU"] += c.num_gpus

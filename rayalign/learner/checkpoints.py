@@ -73,7 +73,7 @@ class RunPlan(NamedTuple):
 def parse_checkpoint(path: str) -> tuple[str, str, int]:
     """``<storage>/<run>/checkpoint_<step>`` -> (storage, run, step); ConfigError unless it names a complete
     checkpoint."""
-    path = path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    path = absolute_storage(path)
     head, base = path.rstrip("/").rsplit("/", 1)
     storage, run = head.rsplit("/", 1) if "/" in head else ("", head)
     m = CHECKPOINT_DIR.match(base)
@@ -101,9 +101,10 @@ def resolve_run(trainer: TrainerConfig, prefix: str = "ppo") -> RunPlan:
             if not runs:
                 raise ConfigError(f"trainer.resume: no run with a checkpoint under {storage}")
             name = max(runs)[1]
-        elif not checkpoint_steps(storage, name):
+        steps = checkpoint_steps(storage, name)
+        if not steps:
             raise ConfigError(f"trainer.resume: {storage}/{name} holds no checkpoint")
-        return RunPlan(storage, name, checkpoint_dir(storage, name, checkpoint_steps(storage, name)[-1]), False)
+        return RunPlan(storage, name, checkpoint_dir(storage, name, steps[-1]), False)
     resume_from = None
     if trainer.resume_from:
         source_storage, source_run, step = parse_checkpoint(trainer.resume_from)

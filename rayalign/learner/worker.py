@@ -215,16 +215,19 @@ class LearnerWorker:
                 mask = mb["response_mask"].to(self.device)
                 if single_pass:
                     with torch.no_grad():
-                        mb["ref_logprobs"] = self._forward(mb, temperature, reference=True)[0].float().cpu()
+                        ref_logprobs = self._forward(mb, temperature, reference=True)[0]
                 logprobs, values, selected = self._forward(mb, temperature)
                 if single_pass:
-                    mb["logprobs"] = logprobs.detach().float().cpu()
+                    old_logprobs = logprobs.detach()
                     real = [i for i, r in enumerate(micro_rows) if r >= 0]
                     seen["rows"] += [micro_rows[i] for i in real]
-                    seen["logprobs"].append(mb["logprobs"][real])
-                    seen["ref_logprobs"].append(mb["ref_logprobs"][real])
-                pg, pg_stats = policy_loss(logprobs, mb["logprobs"].to(self.device), mb["advantages"].to(self.device),
-                                           mask, algo.clip_eps)
+                    seen["logprobs"].append(old_logprobs[real].float().cpu())
+                    seen["ref_logprobs"].append(ref_logprobs[real].float().cpu())
+                else:
+                    old_logprobs = mb["logprobs"].to(self.device)
+                    ref_logprobs = mb["ref_logprobs"].to(self.device)
+                pg, pg_stats = policy_loss(logprobs, old_logprobs, mb["advantages"].to(self.device), mask,
+                                           algo.clip_eps)
                 loss = pg
                 stats = {"policy_loss": pg, **pg_stats}
                 if values is not None:
@@ -233,7 +236,7 @@ class LearnerWorker:
                     loss = loss + algo.vf_coef * vf
                     stats.update(value_loss=vf, **vf_stats)
                 if algo.kl_in == "loss" and kl_coef > 0:
-                    kl = masked_mean(kl_estimate(logprobs, mb["ref_logprobs"].to(self.device), algo.kl_estimator), mask)
+                    kl = masked_mean(kl_estimate(logprobs, ref_logprobs, algo.kl_estimator), mask)
                     loss = loss + kl_coef * kl
                     stats["kl_loss"] = kl
                 entropy = masked_mean(entropy_from_logits(selected), mask)
