@@ -362,7 +362,8 @@ class LearnerConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training dtype (bfloat16 uses DeepSpeed's bf16 mode with fp32 master weights)."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage (0-2: rank 0 holds whole weights to publish)."""
+    """DeepSpeed ZeRO stage: 0-2 keep whole weights on every rank; 3 shards them too (for models whose weights do
+    not fit one worker), at the price of a gather per layer in every forward and weight export."""
     lr: float = 5e-5
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -381,9 +382,8 @@ class LearnerConfig:
         require_at_least("learner.micro_batch_size", self.micro_batch_size, 1)
         if self.torch_threads is not None:
             require_at_least("learner.torch_threads", self.torch_threads, 1)
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"learner.zero_stage: expected 0, 1 or 2, got {self.zero_stage} (stage 3 shards the "
-                              "weights, which the weight publisher does not gather yet)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"learner.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
         if self.lr <= 0:
             raise ConfigError(f"learner.lr: expected a float > 0, got {self.lr}")
         if self.num_gpus_per_worker == 0 and self.dtype != "float32":

@@ -38,6 +38,19 @@ def model_path() -> str:
     return resolve_model("smollm2-135m-instruct", progress=False)
 
 
+def read_buckets(published) -> dict:
+    """What a vLLM worker receives from a published full-weights version: every tensor, read back (copied) from
+    the shared-memory bucket files."""
+    import torch
+
+    loaded = {}
+    for b in published.buckets:
+        data = torch.from_file(b.path, shared=True, size=b.nbytes, dtype=torch.uint8)
+        for e in b.entries:
+            loaded[e.name] = data[e.offset:e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape).clone()
+    return loaded
+
+
 def run_job(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
     """Run ``jobs/<script>`` as a user would, in ``cwd``; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -194,7 +194,7 @@ def test_shipped_ppo_configs_load_and_the_default_matches():
         (["algorithm.name=grpo"], "sampling.n: grpo compares responses to the same prompt"),
         (["algorithm.minibatch_size=6"], "must be a multiple of learner.micro_batch_size"),
         (["sampling.temperature=0"], "training samples need a temperature > 0"),
-        (["learner.zero_stage=3"], "learner.zero_stage: expected 0, 1 or 2"),
+        (["learner.zero_stage=4"], "learner.zero_stage: expected 0, 1, 2 or 3"),
         (["learner.dtype=bfloat16"], "CPU training (num_gpus_per_worker=0) supports float32 only"),
     ],
 )

@@ -158,8 +158,10 @@ def test_resolve_run(tmp_path):
         resolve_run(TrainerConfig(storage_path=str(tmp_path), run_name="a", resume_from=chosen))
 
 
-def test_merged_weights_equal_peft_merge_and_unload():
-    """What the learner publishes under lora_sync=merged: HF names, base + scale * B @ A, model untouched."""
+def test_exported_weights_equal_peft_merge_and_unload():
+    """What the learner publishes under lora_sync=merged (and saves as the merged model): HF names in the HF
+    state dict's order, base + scale * B @ A, the model untouched."""
+    import contextlib
     import copy
     import types
 
@@ -174,13 +176,21 @@ def test_merged_weights_equal_peft_merge_and_unload():
     lm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
                                          init_lora_weights=False))
     expected = copy.deepcopy(lm).merge_and_unload().state_dict()
-    fake = types.SimpleNamespace(policy=types.SimpleNamespace(lm=lm))
-    merged = dict(LearnerWorker._merged_weights(fake))
-    assert merged.keys() == expected.keys()
+    def worker(model, finetune):
+        return types.SimpleNamespace(policy=types.SimpleNamespace(lm=model), zero3=False,
+                                     learner=types.SimpleNamespace(finetune=finetune),
+                                     _gathered=lambda params: contextlib.nullcontext())
+
+    merged = dict(LearnerWorker._export_weights(worker(lm, "lora")))
+    assert list(merged) == list(expected)
     for name, tensor in expected.items():
         assert torch.allclose(merged[name], tensor, atol=1e-6), name
     assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"],
                               lm.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)
+    # full fine-tuning: the model's own state dict, in its order
+    full = LlamaForCausalLM(base.config)
+    exported = list(LearnerWorker._export_weights(worker(full, "full")))
+    assert [(n, t.data_ptr()) for n, t in exported] == [(n, t.data_ptr()) for n, t in full.state_dict().items()]
 
 
 def test_rank_replies_are_put_back_in_row_order():

@@ -7,19 +7,8 @@ import os
 import pytest
 import torch
 
+from conftest import read_buckets
 from rayalign.rollout.weight_sync import Published, WeightStore, full_payload, lora_payload, write_lora_files
-
-
-def _read_buckets(published):
-    """What a vLLM worker receives: every tensor, read back from the shared-memory files."""
-    import torch
-
-    loaded = {}
-    for b in published.buckets:
-        data = torch.from_file(b.path, shared=True, size=b.nbytes, dtype=torch.uint8)
-        for e in b.entries:
-            loaded[e.name] = data[e.offset:e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape).clone()
-    return loaded
 
 
 def test_buckets_round_trip_in_few_calls():
@@ -27,7 +16,7 @@ def test_buckets_round_trip_in_few_calls():
     published = full_payload(1, tensors, bucket_bytes=64 * 33 * 4 * 3)
     try:
         assert len(published.buckets) == 4  # 3 + 3 + 3 + (1 + bf16 vector)
-        loaded = _read_buckets(published)
+        loaded = read_buckets(published)
         assert set(loaded) == {n for n, _ in tensors}
         for name, t in tensors:
             assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)

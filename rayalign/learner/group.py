@@ -122,14 +122,18 @@ class Learner:
 
     def setup(self) -> dict[str, Any]:
         """Wait for the workers to build their engines (and restore the run's checkpoint, if any).
-        Returns rank 0's answer: ``driver_state`` (None on a fresh run), ``trainable_params``, ``threads``."""
+        Returns rank 0's answer: ``driver_state`` (None on a fresh run), ``trainable_params``, ``threads``,
+        ``params`` and ``params_on_rank`` (the elements rank 0 holds: fewer than ``params`` under ZeRO-3)."""
         return self._call("setup")[0]
 
     def forward(self, batch_ref: Any, num_rows: int, temperature: float) -> dict[str, Any]:
         """Old logprobs, reference logprobs and values for every row, computed by all ranks in parallel."""
         shards = [list(range(num_rows))[r::self.world_size] for r in range(self.world_size)]
+        # every rank runs as many forward passes (padding rows, -1, fill the short shards): under ZeRO-3 each
+        # forward gathers the weights from all ranks, so a rank with one micro-batch fewer would hang the others
+        padded = [rows + [-1] * (len(shards[0]) - len(rows)) for rows in shards]
         replies = self._call("forward", [{"batch_ref": batch_ref, "rows": rows, "temperature": temperature}
-                                         for rows in shards])
+                                         for rows in padded])
         return _in_row_order(replies, shards, ("logprobs", "ref_logprobs", "values"))
 
     def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float,

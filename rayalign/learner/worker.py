@@ -4,18 +4,20 @@
 peft LoRA adapter or fully trainable, plus a value head for PPO), wraps it in DeepSpeed (ZeRO stage from config;
 on CPU DeepSpeed's CPU accelerator over the gloo group Ray Train set up), restores the latest checkpoint Ray Train
 hands it, then waits for commands from the `LearnerHub` actor until told to stop. Every rank runs every command;
-rank 0 alone publishes weights and saves the final model.
+rank 0 alone writes published weights and the final model. Under ZeRO-3 each rank holds a shard of every weight,
+so exporting weights is collective: all ranks gather one layer at a time (`_export_weights`) and rank 0 keeps it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 DRIVER_STATE = "driver_state.json"
 DS_TAG = "deepspeed"
@@ -78,7 +80,26 @@ class LearnerWorker:
             torch.set_num_threads(threads)
         torch.manual_seed(spec["seed"] + self.rank)
 
+        accumulation = self.algo.minibatch_size // (self.learner.micro_batch_size * self.world)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": self.learner.micro_batch_size,
+            "gradient_accumulation_steps": accumulation,
+            "train_batch_size": self.algo.minibatch_size,
+            "gradient_clipping": self.learner.max_grad_norm,
+            "zero_optimization": {"stage": self.learner.zero_stage},
+            "bf16": {"enabled": self.learner.dtype == "bfloat16"},
+            "steps_per_print": 1 << 30,
+        }
+        self.zero3 = self.learner.zero_stage == 3
+        hf_zero3 = None
+        if self.zero3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            deepspeed.init_distributed()  # on Ray Train's process group; zero.Init checks the batch sizes against it
+            # while this object lives, from_pretrained loads each rank's shard only (deepspeed.zero.Init)
+            hf_zero3 = HfDeepSpeedConfig(ds_config)
         self.policy = _build_policy(spec["model_path"], self.learner, lora, value_head=self.algo.name == "ppo")
+        del hf_zero3  # the frozen reference below stays whole: DeepSpeed does not run it, so nothing would gather it
         self.reference = None
         if self.learner.finetune == "full":  # LoRA's reference is the same model with the adapter switched off
             from transformers import AutoModelForCausalLM
@@ -91,19 +112,17 @@ class LearnerWorker:
         optimizer = torch.optim.AdamW(params, lr=self.learner.lr, weight_decay=self.learner.weight_decay)
         warmup = self.learner.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-        accumulation = self.algo.minibatch_size // (self.learner.micro_batch_size * self.world)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": self.learner.micro_batch_size,
-            "gradient_accumulation_steps": accumulation,
-            "train_batch_size": self.algo.minibatch_size,
-            "gradient_clipping": self.learner.max_grad_norm,
-            "zero_optimization": {"stage": self.learner.zero_stage},
-            "bf16": {"enabled": self.learner.dtype == "bfloat16"},
-            "steps_per_print": 1 << 30,
-        }
         self.engine, _, _, _ = deepspeed.initialize(model=self.policy, optimizer=optimizer,
                                                     lr_scheduler=scheduler, config=ds_config)
         self.device = self.engine.device
+
+    def _gathered(self, params: list) -> Any:
+        """Whole ``params`` inside the block on every rank (ZeRO-3: a collective all ranks must enter)."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
 
     # -- commands --------------------------------------------------------------------------------------------
 
@@ -123,9 +142,12 @@ class LearnerWorker:
                 if client and "rng" in client:
                     torch.set_rng_state(client["rng"][self.rank % len(client["rng"])])
                 state = json.loads((Path(d) / DRIVER_STATE).read_text()) if self.rank == 0 else None
-        trainable = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
+        params = list(self.policy.parameters())
+        # ds_numel: a ZeRO-3 parameter's full size (the local tensor is this rank's shard)
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
         return {"driver_state": state, "trainable_params": trainable, "rank": self.rank, "pid": os.getpid(),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                "params_on_rank": sum(getattr(p, "ds_tensor", p).numel() for p in params)}
 
     def _forward(self, mb: dict[str, Any], temperature: float, reference: bool = False):
         from rayalign.learner.batch import gather_response, logits_from, response_positions, token_logprobs
@@ -154,7 +176,8 @@ class LearnerWorker:
         return logprobs, values, selected
 
     def forward(self, batch_ref: Any, rows: list[int], temperature: float) -> dict[str, Any]:
-        """Old-policy logprobs, reference logprobs and values (B_rank, T) for ``rows`` of the batch, no gradients."""
+        """Old-policy logprobs, reference logprobs and values (B_rank, T) for ``rows`` of the batch (those >= 0;
+        -1 rows are padding, computed and dropped), no gradients."""
         import ray
         import torch
 
@@ -174,7 +197,8 @@ class LearnerWorker:
                 if values is not None:
                     out["values"].append(values.cpu())
         self.engine.train()
-        return {k: torch.cat(v) if v else None for k, v in out.items()}
+        real = torch.tensor([r >= 0 for r in rows], dtype=torch.bool)
+        return {k: torch.cat(v)[real] if v else None for k, v in out.items()}
 
     def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float,
               single_pass: bool = False) -> dict[str, Any]:
@@ -265,44 +289,66 @@ class LearnerWorker:
         return out
 
     def publish(self, store_name: str, namespace: str, version: int, transport: str, dtype: str) -> dict[str, Any]:
-        """Rank 0 writes the current policy as version ``version`` into the engines' weight store."""
-        if self.rank != 0:
-            return {}
+        """Write the current policy as version ``version`` into the engines' weight store (rank 0; under ZeRO-3
+        every rank takes part in gathering the weights)."""
         import ray
         import torch
 
         from rayalign.rollout.weight_sync import full_payload, lora_payload
 
         t0 = time.perf_counter()
-        store = ray.get_actor(store_name, namespace=namespace)
-        engine_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
         if transport == "lora":
-            with tempfile.TemporaryDirectory(prefix="rayalign-adapter-") as d:
-                self.policy.lm.save_pretrained(d)
-                published = lora_payload(version, d)
-        elif transport == "merged":
-            published = full_payload(version, self._merged_weights(), dtype=engine_dtype)
+            with self._gathered(self._adapter_params()):
+                if self.rank != 0:
+                    return {}
+                with tempfile.TemporaryDirectory(prefix="rayalign-adapter-") as d:
+                    self.policy.lm.save_pretrained(d)
+                    published = lora_payload(version, d)
+        elif self.rank != 0:
+            for _ in self._export_weights():  # the other ranks' part of each layer's gather
+                pass
+            return {}
         else:
-            published = full_payload(version, self.policy.lm.state_dict().items(), dtype=engine_dtype)
-        ray.get(store.publish.remote(published))
+            engine_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+            published = full_payload(version, self._export_weights(), dtype=engine_dtype)
+        ray.get(ray.get_actor(store_name, namespace=namespace).publish.remote(published))
         return {"seconds": time.perf_counter() - t0, "bytes": published.nbytes}
 
-    def _merged_weights(self):
-        """(HF name, tensor) of the base weights with the adapter folded in, W + scale * (B @ A), one tensor at a
-        time; the training model itself is left as it is."""
+    def _adapter_params(self) -> list:
+        return [p for n, p in self.policy.lm.named_parameters() if ".lora_" in n]
+
+    def _export_weights(self) -> Iterator[tuple[str, Any]]:
+        """(HF name, tensor) of the policy as a plain HF model, one module at a time: under LoRA the base weights
+        with the adapter folded in, W + scale * (B @ A); the training model itself is left as it is. Under ZeRO-3
+        each module's weights are gathered for the moment its tensors are yielded (copies, as the gathered
+        storage is freed afterwards), so every rank must run the generator to its end."""
         import torch
 
-        base = self.policy.lm.get_base_model()  # the HF model with peft's layers injected
-        lora_layers = {name: m for name, m in base.named_modules() if hasattr(m, "get_delta_weight")}
-        with torch.no_grad():
-            for name, tensor in base.state_dict().items():
-                if ".lora_" in name:
-                    continue
-                name = name.replace(".base_layer.", ".")
-                module = name.rsplit(".", 1)[0]
-                if name.endswith(".weight") and module in lora_layers:
-                    tensor = tensor + lora_layers[module].get_delta_weight("default").to(tensor.dtype)
-                yield name, tensor
+        lm = self.policy.lm
+        base = lm.get_base_model() if self.learner.finetune == "lora" else lm
+        lora_layers = {name for name, m in base.named_modules() if hasattr(m, "get_delta_weight")}
+        for prefix, module in base.named_modules():
+            if any(prefix.startswith(f"{layer}.") for layer in lora_layers):
+                continue  # a LoRA layer's base_layer / lora_A / lora_B: exported with the layer
+            if prefix in lora_layers:
+                inner = module.get_base_layer()
+                tensors = {k: v for k, v in inner._parameters.items() if v is not None}
+                params = list(module.parameters())
+            else:
+                tensors = {k: v for k, v in module._parameters.items() if v is not None}
+                tensors.update({k: v for k, v in module._buffers.items()
+                                if v is not None and k not in module._non_persistent_buffers_set})
+                params = list(module.parameters(recurse=False))
+            if not tensors:
+                continue
+            with torch.no_grad(), self._gathered(params):
+                for key, tensor in tensors.items():
+                    tensor = tensor.detach()
+                    if prefix in lora_layers and key == "weight":
+                        tensor = tensor + module.get_delta_weight("default").to(tensor.dtype)
+                    elif self.zero3:
+                        tensor = tensor.clone()
+                    yield f"{prefix}.{key}" if prefix else key, tensor
 
     def checkpoint(self, step: int, driver_state: dict[str, Any]) -> dict[str, Any]:
         """Every rank saves its DeepSpeed state (rank 0 also the driver's) and reports it to Ray Train, which
@@ -323,32 +369,39 @@ class LearnerWorker:
         return {"seconds": time.perf_counter() - t0}
 
     def save(self, output_dir: str, tokenizer_path: str) -> dict[str, Any]:
-        """Rank 0 saves the final policy in HF format: the adapter and the merged model (LoRA), or the model."""
-        if self.rank != 0:
-            return {}
-        import copy
-
+        """Rank 0 saves the final policy in HF format: the adapter (LoRA) and the merged model, plus the value
+        head (PPO). Under ZeRO-3 every rank takes part in gathering the weights."""
         import torch
         from transformers import AutoTokenizer
 
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         paths = {}
         if self.learner.finetune == "lora":
-            self.policy.lm.save_pretrained(out / "adapter")
-            tokenizer.save_pretrained(out / "adapter")
-            paths["adapter"] = str(out / "adapter")
-            copy.deepcopy(self.policy.lm).merge_and_unload().save_pretrained(out / "merged")
+            with self._gathered(self._adapter_params()):
+                if self.rank == 0:
+                    self.policy.lm.save_pretrained(out / "adapter")
+                    paths["adapter"] = str(out / "adapter")
+        # tensors with their own storage (safetensors refuses views into DeepSpeed's flat buffers); ZeRO-3's are copies
+        merged = ((name, t if self.zero3 else t.clone()) for name, t in self._export_weights())
+        if self.rank != 0:
+            for _ in merged:
+                pass
         else:
-            self.policy.lm.save_pretrained(out / "merged")
-        tokenizer.save_pretrained(out / "merged")
-        paths["merged"] = str(out / "merged")
+            base = self.policy.lm.get_base_model() if self.learner.finetune == "lora" else self.policy.lm
+            base.save_pretrained(out / "merged", state_dict=dict(merged))
+            paths["merged"] = str(out / "merged")
         if self.policy.value_head is not None:
-            # clone: under ZeRO the parameters are views into one flat buffer, which torch.save would write whole
-            torch.save({k: v.detach().clone() for k, v in self.policy.value_head.state_dict().items()},
-                       out / "value_head.pt")
-            paths["value_head"] = str(out / "value_head.pt")
+            with self._gathered(list(self.policy.value_head.parameters())):
+                if self.rank == 0:
+                    # clone: under ZeRO the parameters are views into one flat buffer that torch.save would write
+                    torch.save({k: v.detach().clone() for k, v in self.policy.value_head.state_dict().items()},
+                               out / "value_head.pt")
+                    paths["value_head"] = str(out / "value_head.pt")
+        if self.rank == 0:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+            for kind in ("adapter", "merged"):
+                if kind in paths:
+                    tokenizer.save_pretrained(paths[kind])
         return paths
 
 
