@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             with timed(times, "sync"):
                 state["version"] += 1
                 publish = learner.publish(engines.store_name, state["version"], publish_as, cfg.model.dtype)
-                engines.sync()
+                synced = engines.sync()
 
             kl = rl.sequence_kl(rl.token_kl(algo, old["logprobs"], old["ref_logprobs"], mask), mask)
             kl_k3 = rl.sequence_kl(kl_estimate(old["logprobs"], old["ref_logprobs"], "k3"), mask)  # >= 0, for charts
@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                 "kl": kl, "kl/k3": kl_k3, "kl_coef": kl_used, "response_length/mean": statistics.fmean(lengths),
                 "tokens_per_second": sum(lengths) / times["time/generate"],
                 "rollout/logprob_diff": rl.token_mean((old["logprobs"] - batch["engine_logprobs"]).abs(), mask),
-                "sync/bytes": publish.get("bytes", 0), "policy_version": state["version"], **times,
+                "sync/bytes": publish.get("bytes", 0), "sync/copied_bytes": sum(synced.copied_bytes),
+                "policy_version": state["version"], **times,
                 **{f"train/{k}": v for k, v in stats.items()},
             })
             for name, _ in judgements[0].components:

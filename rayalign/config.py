@@ -350,7 +350,8 @@ class LearnerConfig:
     lora_sync: Literal["adapter", "merged"] = "merged"
     """How LoRA updates reach the rollout engines: "adapter" (vLLM dynamic LoRA, ~20 MB per sync, but decoding runs
     vLLM's LoRA kernels, about half speed on CPU) or "merged" (the adapter folded into the weights, ~270 MB per sync
-    through shared memory; engines decode at base-model speed and must share the learner's rank-0 node)."""
+    through shared memory on the learner's rank-0 node, copied through the object store to engines on other nodes;
+    engines decode at base-model speed)."""
     num_workers: int = 1
     """Ray Train workers (data parallel, one DeepSpeed rank each)."""
     num_cpus_per_worker: float = 1.0

@@ -97,3 +97,12 @@ def engine_actor_options(engine: EngineConfig, index: int = 0) -> dict[str, Any]
         "max_restarts": -1,
         "max_task_retries": 2,
     }
+
+
+def on_node(fn: Any, node_id: str) -> Any:
+    """``fn`` as a Ray task that runs on node ``node_id`` (no CPUs reserved): for work on files that only that
+    node can see, such as shared-memory weight buckets."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return ray.remote(fn).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
-from rayalign.rollout.weight_sync import Published, write_lora_files
+from rayalign.rollout.weight_sync import Published, local_buckets, remove_files, write_lora_files
 from rayalign.types import Rollout
 
 
@@ -66,8 +66,10 @@ class VLLMEngine:
     def info(self) -> dict[str, Any]:
         import os
 
+        from rayalign.rollout.weight_sync import current_node
+
         return {"engine_id": self.engine_id, "policy_version": self.policy_version,
-                "start_seconds": self.start_seconds, "pid": os.getpid()}
+                "start_seconds": self.start_seconds, "pid": os.getpid(), "node_id": current_node()}
 
     def sync(self) -> dict[str, Any]:
         """Apply the store's latest version if this engine is behind. Returns what was done and how long it took."""
@@ -77,16 +79,19 @@ class VLLMEngine:
         if self._store is None:
             raise RuntimeError("this engine follows no weight store (start it with store_name=...)")
         if ray.get(self._store.latest_version.remote()) == self.policy_version:  # cheap check before the payload
-            return {"version": self.policy_version, "applied": False, "seconds": time.perf_counter() - t0}
+            return {"version": self.policy_version, "applied": False, "seconds": time.perf_counter() - t0,
+                    "copied_bytes": 0}
         published: Published = ray.get(self._store.latest.remote())
+        copied = 0
         if published.kind == "lora":
             self._apply_lora(published)
         elif published.kind == "full":
-            self._apply_full(published)
+            copied = self._apply_full(published)
         else:
             raise ValueError(f"cannot apply a published version of kind {published.kind!r}")
         self.policy_version = published.version
-        return {"version": self.policy_version, "applied": True, "seconds": time.perf_counter() - t0}
+        return {"version": self.policy_version, "applied": True, "seconds": time.perf_counter() - t0,
+                "copied_bytes": copied}
 
     def _apply_lora(self, published: Published) -> None:
         from vllm.lora.request import LoRARequest
@@ -101,11 +106,17 @@ class VLLMEngine:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
             shutil.rmtree(old.lora_path, ignore_errors=True)
 
-    def _apply_full(self, published: Published) -> None:
-        buckets = [[b.path, b.nbytes, [[e.name, e.dtype, list(e.shape), e.offset, e.nbytes] for e in b.entries]]
-                   for b in published.buckets]
-        self.llm.collective_rpc("rayalign_load_buckets", args=(buckets,))
+    def _apply_full(self, published: Published) -> int:
+        """Load a full-weights version; returns the bytes copied from another node first (0 on the writer's)."""
+        readable, copies = local_buckets(published.buckets)
+        try:
+            buckets = [[b.path, b.nbytes, [[e.name, e.dtype, list(e.shape), e.offset, e.nbytes] for e in b.entries]]
+                       for b in readable]
+            self.llm.collective_rpc("rayalign_load_buckets", args=(buckets,))
+        finally:
+            remove_files(copies)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        return sum(b.nbytes for b in readable if b.path in copies)
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, version: int | None = None,
                  chat: bool = True) -> list[Rollout]:

@@ -27,6 +27,8 @@ class SyncReport:
     """Wall time of the whole sync, as the driver saw it."""
     engine_seconds: tuple[float, ...]
     """Time each engine spent applying the version."""
+    copied_bytes: tuple[int, ...] = ()
+    """Bytes each engine first copied from another node (full weights written where it cannot read them)."""
 
 
 class RolloutGroup:
@@ -113,7 +115,8 @@ class RolloutGroup:
         if stale:
             raise RuntimeError(f"engines still on versions {stale} after syncing to v{latest}")
         self.version = latest
-        return SyncReport(latest, time.perf_counter() - t0, tuple(r["seconds"] for r in results))
+        return SyncReport(latest, time.perf_counter() - t0, tuple(r["seconds"] for r in results),
+                          tuple(r["copied_bytes"] for r in results))
 
     def shutdown(self) -> None:
         import ray

@@ -11,8 +11,9 @@ Design (pull by version, pushed by the driver):
 
 Full weights travel through files in /dev/shm that vLLM's worker processes map without a copy
 (`torch.from_file(shared=True)`): vLLM's ``collective_rpc`` turns tensors in its arguments into lists, so only
-paths and manifests cross it. This covers engines on the learner's node (the CPU default). Engines on other nodes
-and the NCCL broadcast for GPU clusters are not implemented yet.
+paths and manifests cross it. Each bucket records the Ray node that wrote it; an engine on another node first
+copies the buckets it cannot see through the object store (a task on the writer's node reads each file) into
+its own /dev/shm, loads them, and deletes the copies. The NCCL broadcast for GPU clusters is not implemented yet.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ class Bucket:
     path: str
     nbytes: int
     entries: tuple[TensorEntry, ...]
+    node_id: str | None = None
+    """Ray node whose /dev/shm holds ``path`` (None: written outside Ray, read on the same machine)."""
+
+
+def current_node() -> str | None:
+    """This process's Ray node id (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +97,26 @@ class WeightStore:
 
 
 def _remove_buckets(published: Published) -> None:
+    """Delete a version's bucket files, on whichever node wrote them (the store may live on another)."""
+    here = current_node()
+    elsewhere: dict[str, list[str]] = {}
     for bucket in published.buckets:
+        if bucket.node_id in (None, here):
+            remove_files([bucket.path])
+        else:
+            elsewhere.setdefault(bucket.node_id, []).append(bucket.path)
+    if elsewhere:
+        from rayalign.resources import on_node
+
+        for node_id, paths in elsewhere.items():
+            on_node(remove_files, node_id).remote(paths)  # not awaited: nothing waits on the old version's files
+
+
+def remove_files(paths: list[str]) -> None:
+    """Delete ``paths`` that exist (on this node)."""
+    for path in paths:
         try:
-            os.unlink(bucket.path)
+            os.unlink(path)
         except FileNotFoundError:
             pass
 
@@ -117,6 +144,7 @@ def full_payload(version: int, named_tensors: Iterable[tuple[str, Any]], *,
     import torch
 
     run = uuid.uuid4().hex[:12]
+    node_id = current_node()
     buckets: list[Bucket] = []
     pending: list[tuple[str, torch.Tensor]] = []
     size = 0
@@ -133,7 +161,7 @@ def full_payload(version: int, named_tensors: Iterable[tuple[str, Any]], *,
             data[offset:offset + n].copy_(t.reshape(-1).view(torch.uint8))
             entries.append(TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, n))
             offset += n
-        buckets.append(Bucket(str(path), size, tuple(entries)))
+        buckets.append(Bucket(str(path), size, tuple(entries), node_id))
         pending, size = [], 0
 
     for name, tensor in named_tensors:
@@ -165,6 +193,43 @@ def write_lora_files(published: Published, root: Path) -> Path:
     for name, data in published.lora_files.items():
         (path / name).write_bytes(data)
     return path
+
+
+def local_buckets(buckets: tuple[Bucket, ...]) -> tuple[list[Bucket], list[str]]:
+    """``buckets`` as files this node can read: those written here as they are; the others copied from their node
+    through the object store into this node's shared memory. Returns the buckets and the copies' paths, which the
+    caller deletes once the weights are loaded."""
+    here = current_node()
+    remote = [b for b in buckets if b.node_id not in (None, here)]
+    if not remote:
+        return list(buckets), []
+    import ray
+
+    from rayalign.resources import on_node
+
+    reads = {b.path: on_node(_read_file, b.node_id).remote(b.path, b.nbytes) for b in remote}  # all in flight
+    out, copies = [], []
+    try:
+        for bucket in buckets:
+            if bucket.path in reads:
+                copy = SHM_DIR / f"rayalign-copy-{uuid.uuid4().hex[:12]}-{Path(bucket.path).name}"
+                copies.append(str(copy))
+                ray.get(reads.pop(bucket.path)).tofile(copy)  # a zero-copy view of the object store, written once
+                bucket = dataclasses.replace(bucket, path=str(copy), node_id=here)
+            out.append(bucket)
+    except BaseException:
+        remove_files(copies)
+        raise
+    return out, copies
+
+
+def _read_file(path: str, nbytes: int) -> Any:
+    import numpy as np
+
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size != nbytes:
+        raise RuntimeError(f"{path}: expected {nbytes} bytes, found {data.size} (a newer version replaced it?)")
+    return data
 
 
 class WorkerExtension:

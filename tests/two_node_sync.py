@@ -1,0 +1,79 @@
+"""Full-weight sync to an engine on another Ray node, run by `tests/test_rollout.py` in a process of its own (it
+starts its own two-node Ray cluster on this machine with `ray.cluster_utils.Cluster`, as Ray's own multi-node tests
+do). The driver (head node, no CPUs) publishes; the engine (second node) must copy the buckets through the object
+store before it loads them. Writes what it saw as JSON to <result.json>; exits non-zero on any failed check.
+
+    python tests/two_node_sync.py <model_dir> <result.json>
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(model_path: str, result: str) -> None:
+    import ray
+    import torch
+    from ray.cluster_utils import Cluster
+    from transformers import AutoModelForCausalLM
+
+    from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
+    from rayalign.rollout.group import RolloutGroup
+    from rayalign.rollout.weight_sync import SHM_DIR, full_payload
+    from test_rollout import hf_greedy
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    group = None
+    try:
+        group = RolloutGroup(model_path, ModelConfig(dtype="float32"), EngineConfig(num_engines=1, max_model_len=512),
+                             transport="full", name="two-node")
+        here = ray.get_runtime_context().get_node_id()
+        engine_node = group.infos()[0]["node_id"]
+        assert engine_node != here, "the engine should run on the second node"
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "mlp" in name:
+                    p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.3)
+        published = full_payload(group.next_version(), model.named_parameters(), bucket_bytes=64 * 1024**2)
+        assert {b.node_id for b in published.buckets} == {here}
+        group.publish(published)
+        report = group.sync()
+        assert report.copied_bytes == (published.nbytes,), (report.copied_bytes, published.nbytes)
+        assert not glob.glob(str(SHM_DIR / "rayalign-copy-*")), "the engine left its copies behind"
+
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=16)
+        prompts = ["What protein can I add to a salad?", "Suggest a healthy breakfast."]
+        after = group.generate(prompts, greedy)
+        assert all(r.policy_version == published.version for r in after)
+        matches = [list(r.response_token_ids[:16]) == hf_greedy(model, r.prompt_token_ids) for r in after]
+        assert all(matches), matches
+
+        group.publish(full_payload(group.next_version(), model.named_parameters(), bucket_bytes=64 * 1024**2))
+        deadline = time.monotonic() + 30  # the store may sit on the other node: it deletes through a task there
+        while any(Path(b.path).exists() for b in published.buckets) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(Path(b.path).exists() for b in published.buckets), "a newer version removes the old files"
+        seen = {"engine_node": engine_node, "driver_node": here, "copied_bytes": report.copied_bytes[0],
+                "buckets": len(published.buckets), "sync_seconds": round(report.seconds, 3)}
+        Path(result).write_text(json.dumps(seen))
+    finally:
+        if group is not None:
+            group.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
