@@ -1,4 +1,4 @@
-"""Full-weight sync to an engine on another Ray node, run by `tests/test_rollout.py` in a process of its own (it
+"""Full-weight sync to an engine on another Ray node, run by `tests/test_two_node.py` in a process of its own (it
 starts its own two-node Ray cluster on this machine with `ray.cluster_utils.Cluster`, as Ray's own multi-node tests
 do). The driver (head node, no CPUs) publishes; the engine (second node) must copy the buckets through the object
 store before it loads them. Writes what it saw as JSON to <result.json>; exits non-zero on any failed check.
@@ -51,7 +51,8 @@ def main(model_path: str, result: str) -> None:
         group.publish(published)
         report = group.sync()
         assert report.copied_bytes == (published.nbytes,), (report.copied_bytes, published.nbytes)
-        assert not glob.glob(str(SHM_DIR / "rayalign-copy-*")), "the engine left its copies behind"
+        left = [c for b in published.buckets for c in glob.glob(str(SHM_DIR / f"rayalign-copy-*-{Path(b.path).name}"))]
+        assert not left, f"the engine left its copies behind: {left}"
 
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=16)
         prompts = ["What protein can I add to a salad?", "Suggest a healthy breakfast."]
@@ -65,8 +66,10 @@ def main(model_path: str, result: str) -> None:
         while any(Path(b.path).exists() for b in published.buckets) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not any(Path(b.path).exists() for b in published.buckets), "a newer version removes the old files"
+        again = group.sync()  # the read tasks' worker processes exist by now
+        assert again.copied_bytes == report.copied_bytes
         seen = {"engine_node": engine_node, "driver_node": here, "copied_bytes": report.copied_bytes[0],
-                "buckets": len(published.buckets), "sync_seconds": round(report.seconds, 3)}
+                "buckets": len(published.buckets), "sync_seconds": [round(r.seconds, 3) for r in (report, again)]}
         Path(result).write_text(json.dumps(seen))
     finally:
         if group is not None:

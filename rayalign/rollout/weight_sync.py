@@ -195,26 +195,36 @@ def write_lora_files(published: Published, root: Path) -> Path:
     return path
 
 
-def local_buckets(buckets: tuple[Bucket, ...]) -> tuple[list[Bucket], list[str]]:
+def local_buckets(buckets: tuple[Bucket, ...], in_flight: int = 2) -> tuple[list[Bucket], list[str]]:
     """``buckets`` as files this node can read: those written here as they are; the others copied from their node
-    through the object store into this node's shared memory. Returns the buckets and the copies' paths, which the
-    caller deletes once the weights are loaded."""
+    through the object store into this node's shared memory, ``in_flight`` buckets at a time (one arrives while
+    the last is written, and the object store holds at most that many). Returns the buckets and the copies'
+    paths, which the caller deletes once the weights are loaded."""
     here = current_node()
-    remote = [b for b in buckets if b.node_id not in (None, here)]
-    if not remote:
-        return list(buckets), []
+    remote = iter([b for b in buckets if b.node_id not in (None, here)])
     import ray
 
     from rayalign.resources import on_node
 
-    reads = {b.path: on_node(_read_file, b.node_id).remote(b.path, b.nbytes) for b in remote}  # all in flight
+    reads: dict[str, Any] = {}
+
+    def read_next() -> None:
+        bucket = next(remote, None)
+        if bucket is not None:
+            reads[bucket.path] = on_node(_read_file, bucket.node_id).remote(bucket.path, bucket.nbytes)
+
+    for _ in range(in_flight):
+        read_next()
     out, copies = [], []
     try:
         for bucket in buckets:
             if bucket.path in reads:
                 copy = SHM_DIR / f"rayalign-copy-{uuid.uuid4().hex[:12]}-{Path(bucket.path).name}"
                 copies.append(str(copy))
-                ray.get(reads.pop(bucket.path)).tofile(copy)  # a zero-copy view of the object store, written once
+                data = ray.get(reads.pop(bucket.path))  # a zero-copy view of the object store
+                read_next()
+                data.tofile(copy)
+                del data
                 bucket = dataclasses.replace(bucket, path=str(copy), node_id=here)
             out.append(bucket)
     except BaseException:
