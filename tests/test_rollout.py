@@ -183,4 +183,3 @@ def test_chat_route_serves_the_current_policy(full_group, local_ray):
             assert (j.score is not None and 0 <= j.score <= 1) or j.error == "unparsable judge answer", j
     finally:
         stop_chat_server()
-

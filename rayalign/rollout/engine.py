@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
-from rayalign.rollout.weight_sync import Published, local_buckets, remove_files, write_lora_files
+from rayalign.rollout.weight_sync import Published, current_node, local_buckets, remove_files, write_lora_files
 from rayalign.types import Rollout
 
 
@@ -65,8 +65,6 @@ class VLLMEngine:
 
     def info(self) -> dict[str, Any]:
         import os
-
-        from rayalign.rollout.weight_sync import current_node
 
         return {"engine_id": self.engine_id, "policy_version": self.policy_version,
                 "start_seconds": self.start_seconds, "pid": os.getpid(), "node_id": current_node()}
