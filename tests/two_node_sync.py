@@ -29,8 +29,11 @@ def main(model_path: str, result: str) -> None:
     from rayalign.rollout.weight_sync import SHM_DIR, full_payload
     from test_rollout import hf_greedy
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    cluster.add_node(num_cpus=1)
+    # object stores large enough for two 113 MB buckets in flight: a test cluster's default is 150 MB, and past it
+    # Ray falls back to disk, where a nearly full disk fails the read with OutOfDiskError (seen in CI)
+    store = 1 << 30
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": store})
+    cluster.add_node(num_cpus=1, object_store_memory=store)
     ray.init(address=cluster.address)
     group = None
     try:
