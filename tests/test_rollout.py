@@ -47,6 +47,21 @@ def hf_greedy(model, prompt_token_ids, n_tokens=16):
     return out[0, ids.shape[1]:].tolist()
 
 
+def perturbed_model(model_path):
+    """The embedded model in float32 with seeded noise (0.3 of each tensor's std) on its MLP weights: different
+    enough that greedy outputs change."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mlp" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.3)
+    return model
+
+
 def test_generate_spreads_over_engines_and_tags_versions(full_group):
     rollouts = full_group.generate(PROMPTS, GREEDY)
     assert [r.prompt for r in rollouts] == PROMPTS
@@ -61,18 +76,10 @@ def test_generate_spreads_over_engines_and_tags_versions(full_group):
 
 
 def test_full_weight_sync_changes_outputs_and_matches_hf(full_group, model_path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from rayalign.rollout.weight_sync import full_payload
 
     before = full_group.generate(PROMPTS, GREEDY)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "mlp" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.3)
+    model = perturbed_model(model_path)
     version = full_group.next_version()
     full_group.publish(full_payload(version, model.named_parameters(), bucket_bytes=64 * 1024**2))
     report = full_group.sync()

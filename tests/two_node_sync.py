@@ -20,14 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(model_path: str, result: str) -> None:
     import ray
-    import torch
     from ray.cluster_utils import Cluster
-    from transformers import AutoModelForCausalLM
 
     from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
     from rayalign.rollout.group import RolloutGroup
     from rayalign.rollout.weight_sync import SHM_DIR, full_payload
-    from test_rollout import hf_greedy
+    from test_rollout import hf_greedy, perturbed_model
 
     # object stores large enough for two 113 MB buckets in flight: a test cluster's default is 150 MB, and past it
     # Ray falls back to disk, where a nearly full disk fails the read with OutOfDiskError (seen in CI)
@@ -43,12 +41,7 @@ def main(model_path: str, result: str) -> None:
         engine_node = group.infos()[0]["node_id"]
         assert engine_node != here, "the engine should run on the second node"
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "mlp" in name:
-                    p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.3)
+        model = perturbed_model(model_path)
         published = full_payload(group.next_version(), model.named_parameters(), bucket_bytes=64 * 1024**2)
         assert {b.node_id for b in published.buckets} == {here}
         group.publish(published)
