@@ -53,3 +53,26 @@ def test_cpu_cores_are_split_between_engines():
     assert cpu_cores_for_engine(0, 1, [0, 1]) == "0,1"
     assert [cpu_cores_for_engine(i, 2, [0, 1, 2, 3]) for i in range(2)] == ["0,1", "2,3"]
     assert [cpu_cores_for_engine(i, 3, [4, 5]) for i in range(3)] == ["4", "5", "4"]
+
+
+def test_sweep_removes_only_files_whose_writer_is_gone(tmp_path):
+    import subprocess
+    import sys
+
+    from rayalign.rollout.weight_sync import _pid_namespace, shm_file, sweep_stale_files
+
+    ns = _pid_namespace()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    files = {
+        "dead": tmp_path / f"rayalign-{ns}-{dead}-ab12-v3-b0",
+        "dead copy": tmp_path / f"rayalign-{ns}-{dead}-copy-cd34-rayalign-{ns}-1-ab12-v3-b1",
+        "ours": tmp_path / shm_file("ef56-v1-b0").name,
+        "other namespace": tmp_path / f"rayalign-1{ns}-{dead}-ab12-v1-b0",
+        "unowned": tmp_path / "rayalign-0123456789ab-v2-b0",
+    }
+    for path in files.values():
+        path.write_bytes(b"x" * 10)
+    assert sweep_stale_files(tmp_path) == (2, 20)
+    assert {k for k, p in files.items() if p.exists()} == {"ours", "other namespace", "unowned"}
+    assert sweep_stale_files(tmp_path) == (0, 0)

@@ -47,7 +47,8 @@ def main(model_path: str, result: str) -> None:
         group.publish(published)
         report = group.sync()
         assert report.copied_bytes == (published.nbytes,), (report.copied_bytes, published.nbytes)
-        left = [c for b in published.buckets for c in glob.glob(str(SHM_DIR / f"rayalign-copy-*-{Path(b.path).name}"))]
+        copies = [str(SHM_DIR / f"rayalign-*-copy-*-{Path(b.path).name}") for b in published.buckets]
+        left = [c for pattern in copies for c in glob.glob(pattern)]
         assert not left, f"the engine left its copies behind: {left}"
 
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=16)

@@ -14,12 +14,18 @@ Full weights travel through files in /dev/shm that vLLM's worker processes map w
 paths and manifests cross it. Each bucket records the Ray node that wrote it; an engine on another node first
 copies the buckets it cannot see through the object store (a task on the writer's node reads each file) into
 its own /dev/shm, loads them, and deletes the copies. The NCCL broadcast for GPU clusters is not implemented yet.
+
+A file's name starts with the pid (and pid namespace) of the process that wrote it, ``rayalign-<ns>-<pid>-...``: a
+job that is killed cannot delete its files, so a new `WeightStore` deletes those whose writer is gone
+(`sweep_stale_files`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -28,6 +34,53 @@ from typing import Any, Iterable
 
 SHM_DIR = Path(os.environ.get("RAYALIGN_SHM_DIR", "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()))
 DEFAULT_BUCKET_BYTES = 256 * 1024**2
+_OWNED = re.compile(r"rayalign-(\d+)-(\d+)-")
+
+log = logging.getLogger("rayalign.weights")
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    except OSError:
+        return "0"  # unknown: files named so are never swept
+
+
+def shm_file(suffix: str) -> Path:
+    """A new shared-memory file path named after this process (see `sweep_stale_files`)."""
+    return SHM_DIR / f"rayalign-{_pid_namespace()}-{os.getpid()}-{suffix}"
+
+
+def sweep_stale_files(directory: Path | None = None) -> tuple[int, int]:
+    """Delete the bucket files in ``directory`` (default: the shared-memory dir) whose writing process is gone --
+    left by a job or engine that was killed. Only files written from this pid namespace are judged (another
+    container sharing /dev/shm has its own pids). Returns (files, bytes) removed."""
+    ns = _pid_namespace()
+    removed = freed = 0
+    for path in (directory or SHM_DIR).glob("rayalign-*"):
+        match = _OWNED.match(path.name)
+        if match is None or match[1] != ns or ns == "0" or _alive(int(match[2])):
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed, freed = removed + 1, freed + size
+    if removed:
+        log.warning("removed %d stale weight file(s) (%.1f MB) in %s left by processes that are gone",
+                    removed, freed / 1e6, directory or SHM_DIR)
+    return removed, freed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +131,7 @@ class WeightStore:
 
     def __init__(self) -> None:
         self._latest = Published(version=0, kind="base")
+        sweep_stale_files()
 
     def publish(self, published: Published) -> int:
         if published.version <= self._latest.version:
@@ -143,7 +197,7 @@ def full_payload(version: int, named_tensors: Iterable[tuple[str, Any]], *,
     """
     import torch
 
-    run = uuid.uuid4().hex[:12]
+    run = uuid.uuid4().hex[:8]
     node_id = current_node()
     buckets: list[Bucket] = []
     pending: list[tuple[str, torch.Tensor]] = []
@@ -153,7 +207,7 @@ def full_payload(version: int, named_tensors: Iterable[tuple[str, Any]], *,
         nonlocal pending, size
         if not pending:
             return
-        path = SHM_DIR / f"rayalign-{run}-v{version}-b{len(buckets)}"
+        path = shm_file(f"{run}-v{version}-b{len(buckets)}")
         data = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
         entries, offset = [], 0
         for name, t in pending:
@@ -219,7 +273,7 @@ def local_buckets(buckets: tuple[Bucket, ...], in_flight: int = 2) -> tuple[list
     try:
         for bucket in buckets:
             if bucket.path in reads:
-                copy = SHM_DIR / f"rayalign-copy-{uuid.uuid4().hex[:12]}-{Path(bucket.path).name}"
+                copy = shm_file(f"copy-{uuid.uuid4().hex[:8]}-{Path(bucket.path).name}")
                 copies.append(str(copy))
                 data = ray.get(reads.pop(bucket.path))  # a zero-copy view of the object store
                 read_next()
