@@ -5,9 +5,13 @@
 - Full: every weight of the model in the engine's dtype, written to shared-memory buckets (publish) and reloaded
   in place by the engine (sync); median of ``--repeats``. Baseline: `Tensor.copy_` of the same tensors into
   preallocated buffers in this process (one memcpy of the same bytes).
+- Broadcast: the same weights pushed to the same engine by a collective broadcast from this process (gloo on
+  CPU; `learner.full_sync=broadcast`), send and in-place reload together; median of ``--repeats`` after one push
+  that forms the group.
 Last stdout line: one JSON object with the figures and
   seconds.lora_sync              publish + sync of the default adapter (target < 1)
   ratios.full_sync_vs_raw_copy   engine-side full sync / raw copy (target <= 2)
+  ratios.broadcast_vs_raw_copy   broadcast push / raw copy (no target: the transport for clusters)
 
     python benchmarks/weight_sync.py [--repeats 3] [--dtype bfloat16]
 """
@@ -39,6 +43,7 @@ def main() -> None:
 
     from rayalign.config import EngineConfig, LoraConfig, ModelConfig, SamplingConfig
     from rayalign.models import resolve_model
+    from rayalign.rollout.broadcast import ProcessSender
     from rayalign.rollout.group import RolloutGroup
     from rayalign.rollout.weight_sync import full_payload, lora_payload
 
@@ -109,8 +114,28 @@ def main() -> None:
         assert all(r.policy_version == version for r in group.generate(["Hi"], probe))
         publish_s.append(t1 - t0)
         full_sync_s.append(t2 - t1)
+
+    # Broadcast: the same engine, weights pushed from this process
+    sender = ProcessSender(lambda: params)
+    t0 = time.perf_counter()
+    group.push(group.next_version(), sender)
+    form_s = time.perf_counter() - t0
+    push_s = []
+    for _ in range(args.repeats):
+        with torch.no_grad():
+            for _, p in params:
+                p.mul_(1.0001)
+        version = group.next_version()
+        report = group.push(version, sender)
+        assert report.sent_bytes == nbytes
+        assert all(r.policy_version == version for r in group.generate(["Hi"], probe))
+        push_s.append(report.seconds)
     group.shutdown()
     ray.shutdown()
+    push = statistics.median(push_s)
+    figures["broadcast"] = {"backend": "gloo", "first_push_seconds": round(form_s, 4),
+                            "push_seconds": round(push, 4), "gb_per_s": round(nbytes / push / 1e9, 3)}
+    print(f"broadcast: first push (forms the group) {form_s:.3f} s, then {push:.3f} s", flush=True)
     raw, pub, sync = (statistics.median(x) for x in (raw_s, publish_s, full_sync_s))
     figures["full"] = {"mb": round(nbytes / 1e6, 1), "buckets": len(published.buckets),
                        "raw_copy_seconds": round(raw, 4), "publish_seconds": round(pub, 4),
@@ -118,9 +143,10 @@ def main() -> None:
                        "raw_copy_gb_per_s": round(nbytes / raw / 1e9, 3)}
     print(f"full: {nbytes / 1e6:.0f} MB, raw copy {raw:.3f} s, publish {pub:.3f} s, sync {sync:.3f} s", flush=True)
     figures["seconds"] = {"lora_sync": round(statistics.median(sync_s), 4), "full_sync": round(sync, 4),
-                          "full_publish": round(pub, 4), "raw_copy": round(raw, 4)}
+                          "full_publish": round(pub, 4), "raw_copy": round(raw, 4), "broadcast": round(push, 4)}
     figures["ratios"] = {"full_sync_vs_raw_copy": round(sync / raw, 3),
-                         "full_publish_and_sync_vs_raw_copy": round((pub + sync) / raw, 3)}
+                         "full_publish_and_sync_vs_raw_copy": round((pub + sync) / raw, 3),
+                         "broadcast_vs_raw_copy": round(push / raw, 3)}
     print(json.dumps(figures))
 
 

@@ -81,6 +81,9 @@ class PPOJobConfig:
         if self.algorithm.minibatch_size % per_step:
             raise C.ConfigError(f"algorithm.minibatch_size ({self.algorithm.minibatch_size}) must be a multiple of "
                                 f"learner.micro_batch_size x learner.num_workers ({per_step})")
+        if self.learner.full_sync == "broadcast" and self.learner.num_gpus_per_worker > 0 and self.engine.num_gpus == 0:
+            raise C.ConfigError("learner.full_sync=broadcast: a GPU learner broadcasts with NCCL, which cannot reach "
+                                "CPU engines (engine.num_gpus=0); use shared_memory")
         if self.learner.finetune == "lora" and self.lora.rank > 64:
             raise C.ConfigError("lora.rank: the rollout engines accept adapters up to rank 64")
 
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.learner.batch import minibatch_plan, pad_rollouts
     from rayalign.learner.group import Learner
     from rayalign.resources import check_resources, init_ray
-    from rayalign.rollout.group import RolloutGroup
+    from rayalign.rollout.group import RolloutGroup, SyncReport
     from rayalign.tracking import Tracker
 
     algo, trainer = cfg.algorithm, cfg.trainer
@@ -155,9 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     kl_ctl = (AdaptiveKLController(state["kl_coef"], algo.kl_target, algo.kl_horizon) if algo.kl_target
               else FixedKLController(state["kl_coef"]))
     engines = RolloutGroup(model_path, cfg.model, cfg.engine, transport=transport, max_lora_rank=cfg.lora.rank)
+    sender = learner.weight_sender(cfg.model.dtype) if (
+        transport == "full" and cfg.learner.full_sync == "broadcast") else None
+
+    def sync_engines(version: int) -> tuple[int, SyncReport]:
+        """Send the learner's weights to every engine as ``version``: (bytes sent, `SyncReport`)."""
+        if sender is not None:
+            report = engines.push(version, sender)
+            return report.sent_bytes, report
+        published = learner.publish(engines.store_name, version, publish_as, cfg.model.dtype)
+        return published.get("bytes", 0), engines.sync()
+
     if state["version"] > 0:  # a resumed policy: the engines start from the checkpoint's weights
-        learner.publish(engines.store_name, state["version"], publish_as, cfg.model.dtype)
-        engines.sync()
+        sync_engines(state["version"])
 
     tracker = Tracker(cfg.tracking.experiment, run_name=cfg.tracking.run_name or run_name, config=cfg,
                       run_id=None if fork else state["mlflow_run_id"],  # a fork is a new MLflow run
@@ -241,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 old = seen  # the logprobs (policy and reference) the training pass itself computed
             with timed(times, "sync"):
                 state["version"] += 1
-                publish = learner.publish(engines.store_name, state["version"], publish_as, cfg.model.dtype)
-                synced = engines.sync()
+                sent_bytes, synced = sync_engines(state["version"])
 
             kl = rl.sequence_kl(rl.token_kl(algo, old["logprobs"], old["ref_logprobs"], mask), mask)
             kl_k3 = rl.sequence_kl(kl_estimate(old["logprobs"], old["ref_logprobs"], "k3"), mask)  # >= 0, for charts
@@ -258,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kl": kl, "kl/k3": kl_k3, "kl_coef": kl_used, "response_length/mean": statistics.fmean(lengths),
                 "tokens_per_second": sum(lengths) / times["time/generate"],
                 "rollout/logprob_diff": rl.token_mean((old["logprobs"] - batch["engine_logprobs"]).abs(), mask),
-                "sync/bytes": publish.get("bytes", 0), "sync/copied_bytes": sum(synced.copied_bytes),
+                "sync/bytes": sent_bytes, "sync/copied_bytes": sum(synced.copied_bytes),
                 "policy_version": state["version"], **times,
                 **{f"train/{k}": v for k, v in stats.items()},
             })

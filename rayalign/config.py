@@ -352,6 +352,11 @@ class LearnerConfig:
     vLLM's LoRA kernels, about half speed on CPU) or "merged" (the adapter folded into the weights, ~270 MB per sync
     through shared memory on the learner's rank-0 node, copied through the object store to engines on other nodes;
     engines decode at base-model speed)."""
+    full_sync: Literal["shared_memory", "broadcast"] = "shared_memory"
+    """How full weights (finetune=full, or LoRA under lora_sync=merged) reach the engines: "shared_memory" (files on
+    the learner's rank-0 node; engines on other nodes first copy them through the object store) or "broadcast" (a
+    collective broadcast from rank 0 to every engine worker, NCCL when the learner is on GPU and gloo on CPU: the
+    transport for multi-node clusters)."""
     num_workers: int = 1
     """Ray Train workers (data parallel, one DeepSpeed rank each)."""
     num_cpus_per_worker: float = 1.0

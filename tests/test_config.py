@@ -196,6 +196,8 @@ def test_shipped_ppo_configs_load_and_the_default_matches():
         (["sampling.temperature=0"], "training samples need a temperature > 0"),
         (["learner.zero_stage=4"], "learner.zero_stage: expected 0, 1, 2 or 3"),
         (["learner.dtype=bfloat16"], "CPU training (num_gpus_per_worker=0) supports float32 only"),
+        (["learner.full_sync=broadcast", "learner.num_gpus_per_worker=1"], "NCCL, which cannot reach CPU engines"),
+        (["learner.full_sync=nccl"], "learner.full_sync: expected one of ['shared_memory', 'broadcast']"),
     ],
 )
 def test_ppo_cross_field_rules(overrides, expected):

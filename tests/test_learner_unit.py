@@ -191,6 +191,10 @@ def test_exported_weights_equal_peft_merge_and_unload():
     full = LlamaForCausalLM(base.config)
     exported = list(LearnerWorker._export_weights(worker(full, "full")))
     assert [(n, t.data_ptr()) for n, t in exported] == [(n, t.data_ptr()) for n, t in full.state_dict().items()]
+    # tied input and output embeddings (as in SmolLM2) go once, under the input's name
+    tied = LlamaForCausalLM(LlamaConfig(**{**base.config.to_dict(), "tie_word_embeddings": True}))
+    names = [n for n, _ in LearnerWorker._export_weights(worker(tied, "full"))]
+    assert names == [n for n in tied.state_dict() if n != "lm_head.weight"]
 
 
 def test_rank_replies_are_put_back_in_row_order():

@@ -234,6 +234,7 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
             submit = subprocess.run(
                 [f"{venv_bin}/ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".",
                  "--", "python", "jobs/ppo.py", "trainer.total_steps=1", *SMALL, *GRPO_ONE_PASS,
+                 "learner.full_sync=broadcast",  # the merged weights reach the engine by a gloo broadcast
                  f"trainer.storage_path={tmp_path / 'checkpoints'}", f"trainer.output_dir={tmp_path / 'outputs'}"],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
             if "No available agent to submit job" not in submit.stdout + submit.stderr:
@@ -252,3 +253,15 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
     # training pass's own logprobs)
     assert run.data.metrics["time/logprobs"] == 0.0 and run.data.metrics["train/kl_loss"] >= 0
     assert run.data.metrics["kl/k3"] >= 0 and abs(run.data.metrics["rollout/logprob_diff"]) < 1.0
+    # the broadcast sent the whole merged model in the engine's dtype (bf16), and nothing went through files
+    assert run.data.metrics["sync/bytes"] == 2 * _exported_numel(model_path)
+    assert run.data.metrics["sync/copied_bytes"] == 0
+
+
+def _exported_numel(model_path: str) -> int:
+    """Elements of the weights the learner exports: each parameter once (the tied lm_head is the embedding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return sum(p.numel() for p in model.parameters())

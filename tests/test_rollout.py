@@ -47,14 +47,14 @@ def hf_greedy(model, prompt_token_ids, n_tokens=16):
     return out[0, ids.shape[1]:].tolist()
 
 
-def perturbed_model(model_path):
+def perturbed_model(model_path, seed=0):
     """The embedded model in float32 with seeded noise (0.3 of each tensor's std) on its MLP weights: different
     enough that greedy outputs change."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "mlp" in name:
@@ -149,6 +149,36 @@ def test_killed_engine_restarts_on_the_latest_version(full_group, local_ray):
     assert all(r.policy_version == full_group.version for r in after)
     # The restarted engine re-applied the published full weights: same greedy tokens as before the kill.
     assert [r.response_token_ids for r in after] == [r.response_token_ids for r in before]
+
+
+def test_broadcast_push_matches_hf_and_reaches_a_restarted_engine(full_group, model_path, local_ray):
+    ray = local_ray
+    before = full_group.generate(PROMPTS, GREEDY)
+    from rayalign.rollout.broadcast import ProcessSender
+
+    model = perturbed_model(model_path, seed=1)
+    sender = ProcessSender(model.named_parameters, bucket_bytes=64 * 1024**2)  # this process sends, over gloo
+    version = full_group.next_version()
+    report = full_group.push(version, sender)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert report.version == version and report.sent_bytes == nbytes and len(report.engine_seconds) == 2
+    assert [i["policy_version"] for i in full_group.infos()] == [version] * 2
+
+    after = full_group.generate(PROMPTS, GREEDY)
+    assert {r.engine_id for r in after} == {0, 1} and all(r.policy_version == version for r in after)
+    assert [r.response_token_ids for r in after] != [r.response_token_ids for r in before]
+    for r in after:
+        assert list(r.response_token_ids[:16]) == hf_greedy(model, r.prompt_token_ids), r.prompt
+
+    # a restarted engine has nothing to pull (the store holds only a marker): the group re-forms around it and
+    # the sender pushes the same version again before the engine generates
+    old = full_group.infos()
+    ray.kill(full_group.engines[1], no_restart=False)
+    again = full_group.generate(PROMPTS, GREEDY)
+    infos = full_group.infos()
+    assert infos[1]["pid"] != old[1]["pid"] and sender.sends == 2
+    assert [i["policy_version"] for i in infos] == [version] * 2
+    assert [r.response_token_ids for r in again] == [r.response_token_ids for r in after]
 
 
 def test_chat_route_serves_the_current_policy(full_group, local_ray):

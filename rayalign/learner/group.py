@@ -10,6 +10,7 @@ through the object store (``ray.put`` once per step), never through the hub.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from typing import Any
@@ -155,12 +156,16 @@ class Learner:
             stats["grad_norm"] = replies[0]["grad_norm"]
         return stats, seen
 
-    def publish(self, store_name: str, version: int, transport: str, dtype: str) -> dict[str, Any]:
+    def publish(self, store_name: str | None, version: int, transport: str, dtype: str) -> dict[str, Any]:
         import ray
 
         namespace = ray.get_runtime_context().namespace
         return self._call("publish", store_name=store_name, namespace=namespace, version=version,
                           transport=transport, dtype=dtype)[0]
+
+    def weight_sender(self, dtype: str) -> "BroadcastSender":
+        """This learner as the sender of a broadcast weight group (see `RolloutGroup.push`), sending in ``dtype``."""
+        return BroadcastSender(self, dtype)
 
     def checkpoint(self, step: int, driver_state: dict[str, Any]) -> float:
         t0 = time.perf_counter()
@@ -179,6 +184,23 @@ class Learner:
             ray.get(self.fit_ref, timeout=300)
         finally:
             ray.kill(self.hub, no_restart=True)
+
+
+@dataclasses.dataclass
+class BroadcastSender:
+    """The learner's rank 0 as rank 0 of a broadcast weight group (`rayalign.rollout.group.WeightSender`)."""
+
+    learner: Learner
+    dtype: str
+
+    def address(self) -> tuple[str, int, str]:
+        return self.learner._call("weight_group_address")[0]
+
+    def join(self, host: str, port: int, world_size: int, backend: str) -> None:
+        self.learner._call("join_weight_group", host=host, port=port, world_size=world_size, backend=backend)
+
+    def send(self, version: int) -> int:
+        return self.learner.publish(None, version, "broadcast", self.dtype)["bytes"]
 
 
 def _in_row_order(replies: list[dict[str, Any]], rows_per_rank: list[list[int]],

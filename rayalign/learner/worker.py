@@ -288,15 +288,35 @@ class LearnerWorker:
                        ref_logprobs=torch.cat(seen["ref_logprobs"]) if seen["rows"] else None)
         return out
 
-    def publish(self, store_name: str, namespace: str, version: int, transport: str, dtype: str) -> dict[str, Any]:
-        """Write the current policy as version ``version`` into the engines' weight store (rank 0; under ZeRO-3
-        every rank takes part in gathering the weights)."""
+    def weight_group_address(self) -> tuple[str, int, str] | None:
+        """Rank 0: where the broadcast weight group will meet (this node, a free port) and its backend."""
+        from rayalign.rollout.broadcast import group_address
+
+        if self.rank != 0:
+            return None
+        return (*group_address(), "nccl" if self.device.type == "cuda" else "gloo")
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
+        """Rank 0 joins the broadcast weight group as its sender (rank 0); a group joined before is dropped."""
+        from rayalign.rollout.broadcast import open_group
+
+        if self.rank == 0:
+            self._weight_group = None
+            self._weight_group = (open_group(host, port, 0, world_size, backend), backend)
+
+    def publish(self, store_name: str | None, namespace: str, version: int, transport: str,
+                dtype: str) -> dict[str, Any]:
+        """Send the current policy as version ``version`` to the engines: into their weight store (``transport``
+        "lora", "merged" or "full"), or "broadcast" to the weight group, whose engines receive it meanwhile.
+        Rank 0 sends; under ZeRO-3 every rank takes part in gathering the weights."""
         import ray
         import torch
 
+        from rayalign.rollout import broadcast
         from rayalign.rollout.weight_sync import full_payload, lora_payload
 
         t0 = time.perf_counter()
+        engine_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
         if transport == "lora":
             with self._gathered(self._adapter_params()):
                 if self.rank != 0:
@@ -308,8 +328,12 @@ class LearnerWorker:
             for _ in self._export_weights():  # the other ranks' part of each layer's gather
                 pass
             return {}
+        elif transport == "broadcast":
+            if getattr(self, "_weight_group", None) is None:
+                raise RuntimeError("rank 0 has joined no weight group (join_weight_group first)")
+            sent = broadcast.send(*self._weight_group, self._export_weights(), dtype=engine_dtype)
+            return {"seconds": time.perf_counter() - t0, "bytes": sent}
         else:
-            engine_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
             published = full_payload(version, self._export_weights(), dtype=engine_dtype)
         ray.get(ray.get_actor(store_name, namespace=namespace).publish.remote(published))
         return {"seconds": time.perf_counter() - t0, "bytes": published.nbytes}
@@ -321,12 +345,14 @@ class LearnerWorker:
         """(HF name, tensor) of the policy as a plain HF model, one module at a time: under LoRA the base weights
         with the adapter folded in, W + scale * (B @ A); the training model itself is left as it is. Under ZeRO-3
         each module's weights are gathered for the moment its tensors are yielded (copies, as the gathered
-        storage is freed afterwards), so every rank must run the generator to its end."""
+        storage is freed afterwards), so every rank must run the generator to its end. A tensor shared by two
+        modules (tied input and output embeddings) is exported once, under its first name, as HF saves it."""
         import torch
 
         lm = self.policy.lm
         base = lm.get_base_model() if self.learner.finetune == "lora" else lm
         lora_layers = {name for name, m in base.named_modules() if hasattr(m, "get_delta_weight")}
+        exported: set[int] = set()
         for prefix, module in base.named_modules():
             if any(prefix.startswith(f"{layer}.") for layer in lora_layers):
                 continue  # a LoRA layer's base_layer / lora_A / lora_B: exported with the layer
@@ -339,6 +365,8 @@ class LearnerWorker:
                 tensors.update({k: v for k, v in module._buffers.items()
                                 if v is not None and k not in module._non_persistent_buffers_set})
                 params = list(module.parameters(recurse=False))
+            tensors = {k: v for k, v in tensors.items() if id(v) not in exported}
+            exported.update(id(v) for v in tensors.values())
             if not tensors:
                 continue
             with torch.no_grad(), self._gathered(params):

@@ -26,6 +26,11 @@ def vllm_kwargs(model_path: str, dtype: str, engine: EngineConfig, **extra: Any)
     return kwargs
 
 
+class EngineBehindError(RuntimeError):
+    """The engine cannot generate with the version asked for: it could not pull it (a restarted engine under the
+    broadcast transport waits for the group to push it again)."""
+
+
 class VLLMEngine:
     """One vLLM `LLM`; `generate` returns `Rollout`s tagged with the policy version they were sampled with.
 
@@ -81,6 +86,9 @@ class VLLMEngine:
                     "copied_bytes": 0}
         published: Published = ray.get(self._store.latest.remote())
         copied = 0
+        if published.kind == "broadcast":  # nothing to pull: the group pushes it (`RolloutGroup.push`)
+            return {"version": self.policy_version, "applied": False, "seconds": time.perf_counter() - t0,
+                    "copied_bytes": 0}
         if published.kind == "lora":
             self._apply_lora(published)
         elif published.kind == "full":
@@ -116,14 +124,27 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         return sum(b.nbytes for b in readable if b.path in copies)
 
+    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str) -> None:
+        """Join a broadcast weight group: this engine's workers take ranks ``first_rank``, ``first_rank`` + 1, ..."""
+        self.llm.collective_rpc("rayalign_join_group", args=(host, port, first_rank, world_size, backend))
+
+    def receive(self, version: int) -> dict[str, Any]:
+        """Take version ``version`` from the weight group's sender (who broadcasts it meanwhile)."""
+        t0 = time.perf_counter()
+        received = self.llm.collective_rpc("rayalign_receive")
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+        return {"version": version, "applied": True, "seconds": time.perf_counter() - t0, "copied_bytes": 0,
+                "received_bytes": received[0]}
+
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, version: int | None = None,
                  chat: bool = True) -> list[Rollout]:
         """Sample ``sampling.n`` responses per prompt (prompt-major order) with policy ``version`` (None: current)."""
         if version is not None and version != self.policy_version:
             self.sync()
             if version != self.policy_version:
-                raise RuntimeError(f"engine {self.engine_id} asked for policy v{version} but the store holds "
-                                   f"v{self.policy_version}")
+                raise EngineBehindError(f"engine {self.engine_id} asked for policy v{version} but holds "
+                                        f"v{self.policy_version}")
         params = self._sampling_params(sampling)
         if chat:
             conversations = [[{"role": "user", "content": p}] for p in prompts]

@@ -12,12 +12,25 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
-from rayalign.rollout.engine import VLLMEngine
+from rayalign.rollout.engine import EngineBehindError, VLLMEngine
 from rayalign.rollout.weight_sync import Published, WeightStore
 from rayalign.types import Rollout
+
+
+class WeightSender(Protocol):
+    """Rank 0 of a broadcast weight group (the learner: `rayalign.learner.group.BroadcastSender`)."""
+
+    def address(self) -> tuple[str, int, str]:
+        """(host, free port, backend) where the group meets: the sender's node."""
+
+    def join(self, host: str, port: int, world_size: int, backend: str) -> None:
+        """Join as rank 0; returns once every engine worker has joined too."""
+
+    def send(self, version: int) -> int:
+        """Broadcast the current weights (the engines receive meanwhile); returns the bytes sent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,13 +42,16 @@ class SyncReport:
     """Time each engine spent applying the version."""
     copied_bytes: tuple[int, ...] = ()
     """Bytes each engine first copied from another node (full weights written where it cannot read them)."""
+    sent_bytes: int = 0
+    """Bytes the sender broadcast (the broadcast transport)."""
 
 
 class RolloutGroup:
     """``engine.num_engines`` vLLM engine actors plus the `WeightStore` they follow.
 
-    ``transport``: how new weights will arrive -- "lora" (engines start with LoRA enabled), "full" (full weights
-    through shared memory) or "none" (a fixed model, e.g. for sampling or evaluation).
+    ``transport``: how new weights will arrive -- "lora" (engines start with LoRA enabled), "full" (full weights,
+    published through shared memory and pulled by `sync`, or broadcast by a `WeightSender` with `push`) or
+    "none" (a fixed model, e.g. for sampling or evaluation).
     """
 
     def __init__(self, model_path: str, model: ModelConfig, engine: EngineConfig, *,
@@ -53,6 +69,8 @@ class RolloutGroup:
         self.version = 0
         self.engines: list[Any] = []
         self.engine_names: list[str] = []
+        self._sender: WeightSender | None = None
+        self._group_pids: list[int] = []  # the engine processes in the broadcast group, in rank order
         self.add_engines(engine.num_engines)
 
     def add_engines(self, count: int) -> None:
@@ -75,6 +93,8 @@ class RolloutGroup:
             self.engine_names.append(name)
         ray.get([e.info.remote() for e in new])  # wait until every new engine has loaded the model
         self.engines.extend(new)
+        if self._sender is not None and self.version > 0:  # broadcast: nothing to pull, the group re-forms
+            self.push(self.version, self._sender)
 
     def infos(self) -> list[dict[str, Any]]:
         import ray
@@ -87,11 +107,23 @@ class RolloutGroup:
         import ray
 
         chunk = -(-len(prompts) // len(self.engines))
-        futures = [
-            engine.generate.remote(list(prompts[i * chunk:(i + 1) * chunk]), sampling, version=self.version)
-            for i, engine in enumerate(self.engines) if prompts[i * chunk:(i + 1) * chunk]
-        ]
-        return [r for part in ray.get(futures) for r in part]
+
+        def run() -> list[Rollout]:
+            futures = [
+                engine.generate.remote(list(prompts[i * chunk:(i + 1) * chunk]), sampling, version=self.version)
+                for i, engine in enumerate(self.engines) if prompts[i * chunk:(i + 1) * chunk]
+            ]
+            return [r for part in ray.get(futures) for r in part]
+
+        try:
+            return run()
+        except EngineBehindError:
+            if self._sender is None:
+                raise
+            # a restarted engine under the broadcast transport: it cannot pull, so the group re-forms around it
+            # and the sender pushes the current version again (the learner's weights are that version's)
+            self.push(self.version, self._sender)
+            return run()
 
     def publish(self, published: Published) -> int:
         """Hand a new version to the store (what a learner does through `store_name`)."""
@@ -117,6 +149,42 @@ class RolloutGroup:
         self.version = latest
         return SyncReport(latest, time.perf_counter() - t0, tuple(r["seconds"] for r in results),
                           tuple(r["copied_bytes"] for r in results))
+
+    def push(self, version: int, sender: WeightSender) -> SyncReport:
+        """Full weights by broadcast: ``sender`` broadcasts its current weights as ``version`` while every engine
+        receives them; when this returns, they all generate with it. The group is formed on the first push and
+        again whenever the engine processes changed (a restart, an added engine)."""
+        import ray
+
+        if self.transport != "full":
+            raise RuntimeError(f"push sends full weights: it needs transport='full' (this group's is "
+                               f"{self.transport!r})")
+        t0 = time.perf_counter()
+        pids = [i["pid"] for i in self.infos()]
+        if pids != self._group_pids:
+            self._form_group(sender)
+            self._group_pids = pids
+        if version > ray.get(self.store.latest_version.remote()):
+            # a marker: engines that Ray restarts see it and wait to be pushed to (they have nothing to pull)
+            ray.get(self.store.publish.remote(Published(version=version, kind="broadcast")))
+        futures = [e.receive.remote(version) for e in self.engines]
+        sent = sender.send(version)
+        results = ray.get(futures)
+        self.version, self._sender = version, sender
+        return SyncReport(version, time.perf_counter() - t0, tuple(r["seconds"] for r in results),
+                          tuple(0 for _ in results), sent)
+
+    def _form_group(self, sender: WeightSender) -> None:
+        """Sender = rank 0, then every worker of every engine (``tensor_parallel_size`` each), all joining at once."""
+        import ray
+
+        host, port, backend = sender.address()
+        per_engine = self._engine_args[2].tensor_parallel_size
+        world_size = 1 + per_engine * len(self.engines)
+        joins = [e.join_weight_group.remote(host, port, 1 + i * per_engine, world_size, backend)
+                 for i, e in enumerate(self.engines)]
+        sender.join(host, port, world_size, backend)
+        ray.get(joins)
 
     def shutdown(self) -> None:
         import ray

@@ -13,7 +13,8 @@ Full weights travel through files in /dev/shm that vLLM's worker processes map w
 (`torch.from_file(shared=True)`): vLLM's ``collective_rpc`` turns tensors in its arguments into lists, so only
 paths and manifests cross it. Each bucket records the Ray node that wrote it; an engine on another node first
 copies the buckets it cannot see through the object store (a task on the writer's node reads each file) into
-its own /dev/shm, loads them, and deletes the copies. The NCCL broadcast for GPU clusters is not implemented yet.
+its own /dev/shm, loads them, and deletes the copies. On clusters, `rayalign.rollout.broadcast` sends full weights
+by a collective broadcast instead (NCCL on GPU, gloo on CPU): the version is then only a marker in the store.
 
 A file's name starts with the pid (and pid namespace) of the process that wrote it, ``rayalign-<ns>-<pid>-...``: a
 job that is killed cannot delete its files, so a new `WeightStore` deletes those whose writer is gone
@@ -30,7 +31,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 SHM_DIR = Path(os.environ.get("RAYALIGN_SHM_DIR", "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()))
 DEFAULT_BUCKET_BYTES = 256 * 1024**2
@@ -112,7 +113,8 @@ def current_node() -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Published:
-    """One published policy version. ``kind``: "base" (v0, the weights on disk), "lora" or "full"."""
+    """One published policy version. ``kind``: "base" (v0, the weights on disk), "lora", "full" or "broadcast"
+    (pushed to the engines by `RolloutGroup.push`: a marker, with no payload to pull)."""
 
     version: int
     kind: str
@@ -189,6 +191,27 @@ def lora_payload(version: int, adapter_dir: str | Path) -> Published:
     return Published(version=version, kind="lora", lora_files=files)
 
 
+def bucketed(named_tensors: Iterable[tuple[str, Any]], bucket_bytes: int,
+             dtype: Any = None) -> Iterator[tuple[list[tuple[str, Any]], int]]:
+    """Group ``(name, tensor)`` pairs into buckets of at most ``bucket_bytes`` (a larger tensor gets its own):
+    yields (pairs, total bytes). ``dtype`` converts on the way."""
+    pending: list[tuple[str, Any]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        t = tensor.detach()
+        if dtype is not None:
+            t = t.to(dtype)
+        t = t.contiguous()
+        n = t.numel() * t.element_size()
+        if pending and size + n > bucket_bytes:
+            yield pending, size
+            pending, size = [], 0
+        pending.append((name, t))
+        size += n
+    if pending:
+        yield pending, size
+
+
 def full_payload(version: int, named_tensors: Iterable[tuple[str, Any]], *,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: Any = None) -> Published:
     """Write ``(name, tensor)`` pairs into shared-memory bucket files (one copy each), ready to publish.
@@ -200,36 +223,32 @@ def full_payload(version: int, named_tensors: Iterable[tuple[str, Any]], *,
     run = uuid.uuid4().hex[:8]
     node_id = current_node()
     buckets: list[Bucket] = []
-    pending: list[tuple[str, torch.Tensor]] = []
-    size = 0
-
-    def flush() -> None:
-        nonlocal pending, size
-        if not pending:
-            return
+    for tensors, size in bucketed(named_tensors, bucket_bytes, dtype):
         path = shm_file(f"{run}-v{version}-b{len(buckets)}")
         data = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
-        entries, offset = [], 0
-        for name, t in pending:
-            n = t.numel() * t.element_size()
-            data[offset:offset + n].copy_(t.reshape(-1).view(torch.uint8))
-            entries.append(TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, n))
-            offset += n
-        buckets.append(Bucket(str(path), size, tuple(entries), node_id))
-        pending, size = [], 0
-
-    for name, tensor in named_tensors:
-        t = tensor.detach()
-        if dtype is not None:
-            t = t.to(dtype)
-        t = t.contiguous().cpu()
-        n = t.numel() * t.element_size()
-        if pending and size + n > bucket_bytes:
-            flush()
-        pending.append((name, t))
-        size += n
-    flush()
+        buckets.append(Bucket(str(path), size, pack(tensors, data), node_id))
     return Published(version=version, kind="full", buckets=tuple(buckets))
+
+
+def pack(tensors: list[tuple[str, Any]], data: Any) -> tuple[TensorEntry, ...]:
+    """Copy ``tensors`` one after another into the flat uint8 tensor ``data``; returns where each went."""
+    import torch
+
+    entries, offset = [], 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        data[offset:offset + n].copy_(t.reshape(-1).view(torch.uint8))
+        entries.append(TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, n))
+        offset += n
+    return tuple(entries)
+
+
+def unpack(data: Any, entries: Iterable[Any]) -> Iterator[tuple[str, Any]]:
+    """The ``(name, tensor)`` views of a flat uint8 tensor that `pack` filled (entries as TensorEntry or lists)."""
+    import torch
+
+    for name, dtype, shape, offset, n in entries:
+        yield name, data[offset:offset + n].view(getattr(torch, dtype)).view(tuple(shape))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +316,8 @@ def _read_file(path: str, nbytes: int) -> Any:
 
 
 class WorkerExtension:
-    """Mixed into each vLLM worker (``worker_extension_cls``): loads published buckets into the model in place."""
+    """Mixed into each vLLM worker (``worker_extension_cls``): loads published buckets, or a version broadcast to
+    its weight group, into the model in place."""
 
     def rayalign_load_buckets(self, buckets: list) -> int:
         """``buckets``: ``[[path, nbytes, [[name, dtype, shape, offset, nbytes], ...]], ...]`` (plain lists: they
@@ -305,7 +325,6 @@ class WorkerExtension:
         model and redoes the per-layer processing that the CPU and quantized kernels need (a plain
         ``load_weights`` fails on already-processed layers)."""
         import torch
-        from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
         count = 0
 
@@ -313,11 +332,48 @@ class WorkerExtension:
             nonlocal count
             for path, nbytes, entries in buckets:
                 data = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-                for name, dtype, shape, offset, n in entries:
+                for pair in unpack(data, entries):
                     count += 1
-                    yield name, data[offset:offset + n].view(getattr(torch, dtype)).view(shape)
+                    yield pair
+
+        self._rayalign_reload(tensors())
+        return count
+
+    def rayalign_join_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str) -> None:
+        """Join a broadcast weight group (`rayalign.rollout.broadcast`) as rank ``first_rank`` + this worker's
+        rank in its engine; a group joined before is dropped."""
+        from rayalign.rollout.broadcast import open_group
+
+        self._rayalign_group = None
+        group = open_group(host, port, first_rank + self.rank, world_size, backend)  # type: ignore[attr-defined]
+        self._rayalign_group = (group, backend)
+
+    def rayalign_receive(self) -> int:
+        """Receive one broadcast version into the model in place; returns the bytes received."""
+        from rayalign.rollout.broadcast import receive
+
+        group = getattr(self, "_rayalign_group", None)
+        if group is None:
+            raise RuntimeError("this worker has joined no weight group")
+        received = 0
+        stream = receive(*group)
+
+        def tensors():
+            nonlocal received
+            for name, t in stream:
+                received += t.numel() * t.element_size()
+                yield name, t
+
+        try:
+            self._rayalign_reload(tensors())
+        finally:
+            for _ in stream:  # the sender waits on every member: take the rest even if loading failed
+                pass
+        return received
+
+    def _rayalign_reload(self, weights: Iterator[tuple[str, Any]]) -> None:
+        from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
         runner = self.model_runner  # type: ignore[attr-defined]
-        reload_weights(self.vllm_config, runner.get_model(), weights_iterator=tensors(),  # type: ignore[attr-defined]
+        reload_weights(self.vllm_config, runner.get_model(), weights_iterator=weights,  # type: ignore[attr-defined]
                        weights_path=None, is_checkpoint_format=True)
-        return count
