@@ -81,7 +81,9 @@ class PPOJobConfig:
         if self.algorithm.minibatch_size % per_step:
             raise C.ConfigError(f"algorithm.minibatch_size ({self.algorithm.minibatch_size}) must be a multiple of "
                                 f"learner.micro_batch_size x learner.num_workers ({per_step})")
-        if self.learner.full_sync == "broadcast" and self.learner.num_gpus_per_worker > 0 and self.engine.num_gpus == 0:
+        full_weights = self.learner.finetune == "full" or self.learner.lora_sync == "merged"
+        if (self.learner.full_sync == "broadcast" and full_weights and self.learner.num_gpus_per_worker > 0
+                and self.engine.num_gpus == 0):
             raise C.ConfigError("learner.full_sync=broadcast: a GPU learner broadcasts with NCCL, which cannot reach "
                                 "CPU engines (engine.num_gpus=0); use shared_memory")
         if self.learner.finetune == "lora" and self.lora.rank > 64:

@@ -172,8 +172,12 @@ def test_broadcast_push_matches_hf_and_reaches_a_restarted_engine(full_group, mo
 
     # a restarted engine has nothing to pull (the store holds only a marker): the group re-forms around it and
     # the sender pushes the same version again before the engine generates
+    from rayalign.rollout.engine import EngineBehindError
+
     old = full_group.infos()
     ray.kill(full_group.engines[1], no_restart=False)
+    with pytest.raises(EngineBehindError, match="holds no policy version"):  # e.g. the chat route, meanwhile
+        ray.get(full_group.engines[1].chat.remote([{"role": "user", "content": "Hi"}], GREEDY))
     again = full_group.generate(PROMPTS, GREEDY)
     infos = full_group.infos()
     assert infos[1]["pid"] != old[1]["pid"] and sender.sends == 2

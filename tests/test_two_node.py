@@ -10,7 +10,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_full_sync_reaches_an_engine_on_another_node(model_path, tmp_path):
-    """Two Ray nodes on this machine (in a process of its own): the engine copies the buckets it cannot see."""
+    """Two Ray nodes on this machine (in a process of its own): the engine copies the buckets it cannot see, and
+    takes a broadcast without copies."""
     import json
     import os
     import subprocess
@@ -25,3 +26,4 @@ def test_full_sync_reaches_an_engine_on_another_node(model_path, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     seen = json.loads(result.read_text())
     assert seen["engine_node"] != seen["driver_node"] and seen["copied_bytes"] > 100e6
+    assert len(seen["broadcast_seconds"]) == 2

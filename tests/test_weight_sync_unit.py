@@ -76,3 +76,44 @@ def test_sweep_removes_only_files_whose_writer_is_gone(tmp_path):
     assert sweep_stale_files(tmp_path) == (2, 20)
     assert {k for k, p in files.items() if p.exists()} == {"ours", "other namespace", "unowned"}
     assert sweep_stale_files(tmp_path) == (0, 0)
+
+
+def test_broadcast_round_trip_and_an_aborted_version():
+    """Two members of a gloo weight group in two threads: a version arrives whole, in buckets; a sender that fails
+    midway makes the receiver raise instead of waiting."""
+    import threading
+
+    from rayalign.rollout import broadcast
+
+    tensors = [(f"layer{i}.weight", torch.randn(64, 33)) for i in range(5)] + [("bf", torch.randn(7).bfloat16())]
+    store = broadcast.serve_store()
+    got, seen_before_abort, errors = {}, [], []
+
+    def receiver():
+        group = broadcast.open_group(store.host, store.port, 1, 2, "gloo")
+        got.update((name, t.clone()) for name, t in broadcast.receive(group, "gloo"))
+        try:
+            for name, _ in broadcast.receive(group, "gloo"):
+                seen_before_abort.append(name)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=receiver, daemon=True)
+    thread.start()
+    group = broadcast.open_group(store.host, store.port, 0, 2, "gloo", store=store)
+    sent = broadcast.send(group, "gloo", tensors, bucket_bytes=64 * 33 * 4 * 2)
+    assert sent == sum(t.numel() * t.element_size() for _, t in tensors)
+
+    def failing_export():
+        yield tensors[0]
+        yield tensors[1]
+        raise ValueError("export failed")
+
+    with pytest.raises(ValueError, match="export failed"):
+        broadcast.send(group, "gloo", failing_export(), bucket_bytes=1)  # one bucket per tensor
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert list(got) == [n for n, _ in tensors]
+    assert all(got[n].dtype == t.dtype and torch.equal(got[n], t) for n, t in tensors)
+    assert seen_before_abort == ["layer0.weight"] and errors == [
+        "the sender stopped this version midway (its own error says why)"]

@@ -1,7 +1,8 @@
 """Full-weight sync to an engine on another Ray node, run by `tests/test_two_node.py` in a process of its own (it
 starts its own two-node Ray cluster on this machine with `ray.cluster_utils.Cluster`, as Ray's own multi-node tests
 do). The driver (head node, no CPUs) publishes; the engine (second node) must copy the buckets through the object
-store before it loads them. Writes what it saw as JSON to <result.json>; exits non-zero on any failed check.
+store before it loads them. Then the driver pushes other weights by broadcast (gloo), which needs no copy. Writes
+what it saw as JSON to <result.json>; exits non-zero on any failed check.
 
     python tests/two_node_sync.py <model_dir> <result.json>
 """
@@ -23,6 +24,7 @@ def main(model_path: str, result: str) -> None:
     from ray.cluster_utils import Cluster
 
     from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
+    from rayalign.rollout.broadcast import ProcessSender
     from rayalign.rollout.group import RolloutGroup
     from rayalign.rollout.weight_sync import SHM_DIR, full_payload
     from test_rollout import hf_greedy, perturbed_model
@@ -65,8 +67,19 @@ def main(model_path: str, result: str) -> None:
         assert not any(Path(b.path).exists() for b in published.buckets), "a newer version removes the old files"
         again = group.sync()  # the read tasks' worker processes exist by now
         assert again.copied_bytes == report.copied_bytes
+
+        # the same weights' other road: a gloo broadcast from this process (head node) to the engine's worker
+        other = perturbed_model(model_path, seed=1)
+        sender = ProcessSender(other.named_parameters, bucket_bytes=64 * 1024**2)
+        pushes = [group.push(group.next_version(), sender) for _ in range(2)]  # the first one forms the group
+        assert all(p.sent_bytes == published.nbytes and p.copied_bytes == (0,) for p in pushes)
+        pushed = group.generate(prompts, greedy)
+        assert all(r.policy_version == pushes[-1].version for r in pushed)
+        matches = [list(r.response_token_ids[:16]) == hf_greedy(other, r.prompt_token_ids) for r in pushed]
+        assert all(matches) and [r.response_token_ids for r in pushed] != [r.response_token_ids for r in after]
         seen = {"engine_node": engine_node, "driver_node": here, "copied_bytes": report.copied_bytes[0],
-                "buckets": len(published.buckets), "sync_seconds": [round(r.seconds, 3) for r in (report, again)]}
+                "buckets": len(published.buckets), "sync_seconds": [round(r.seconds, 3) for r in (report, again)],
+                "broadcast_seconds": [round(p.seconds, 3) for p in pushes]}
         Path(result).write_text(json.dumps(seen))
     finally:
         if group is not None:

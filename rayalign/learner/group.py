@@ -200,7 +200,10 @@ class BroadcastSender:
         self.learner._call("join_weight_group", host=host, port=port, world_size=world_size, backend=backend)
 
     def send(self, version: int) -> int:
-        return self.learner.publish(None, version, "broadcast", self.dtype)["bytes"]
+        reply = self.learner.publish(None, version, "broadcast", self.dtype)
+        if "error" in reply:
+            raise RuntimeError(f"learner rank 0 could not broadcast v{version}: {reply['error']}")
+        return reply["bytes"]
 
 
 def _in_row_order(replies: list[dict[str, Any]], rows_per_rank: list[list[int]],

@@ -75,6 +75,10 @@ class LearnerWorker:
         lora: LoraConfig = spec["lora"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if ctx.get_local_rank() == 0:
+            from rayalign.rollout.weight_sync import sweep_stale_files
+
+            sweep_stale_files()  # this node's weight files left by killed jobs (rank 0 writes new ones)
         if self.learner.num_gpus_per_worker == 0:
             threads = self.learner.torch_threads or max(1, (os.cpu_count() or 1) // self.learner.num_workers)
             torch.set_num_threads(threads)
@@ -289,12 +293,13 @@ class LearnerWorker:
         return out
 
     def weight_group_address(self) -> tuple[str, int, str] | None:
-        """Rank 0: where the broadcast weight group will meet (this node, a free port) and its backend."""
-        from rayalign.rollout.broadcast import group_address
+        """Rank 0: where a new broadcast weight group meets (a store served from here) and its backend."""
+        from rayalign.rollout.broadcast import serve_store
 
         if self.rank != 0:
             return None
-        return (*group_address(), "nccl" if self.device.type == "cuda" else "gloo")
+        self._weight_store = serve_store()
+        return self._weight_store.host, self._weight_store.port, "nccl" if self.device.type == "cuda" else "gloo"
 
     def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
         """Rank 0 joins the broadcast weight group as its sender (rank 0); a group joined before is dropped."""
@@ -302,7 +307,7 @@ class LearnerWorker:
 
         if self.rank == 0:
             self._weight_group = None
-            self._weight_group = (open_group(host, port, 0, world_size, backend), backend)
+            self._weight_group = (open_group(host, port, 0, world_size, backend, store=self._weight_store), backend)
 
     def publish(self, store_name: str | None, namespace: str, version: int, transport: str,
                 dtype: str) -> dict[str, Any]:
@@ -329,9 +334,16 @@ class LearnerWorker:
                 pass
             return {}
         elif transport == "broadcast":
-            if getattr(self, "_weight_group", None) is None:
-                raise RuntimeError("rank 0 has joined no weight group (join_weight_group first)")
-            sent = broadcast.send(*self._weight_group, self._export_weights(), dtype=engine_dtype)
+            # a failed broadcast (an engine died midway) is the driver's to retry, not the end of this learner
+            weights = self._export_weights()
+            try:
+                if getattr(self, "_weight_group", None) is None:
+                    raise RuntimeError("rank 0 has joined no weight group (join_weight_group first)")
+                sent = broadcast.send(*self._weight_group, weights, dtype=engine_dtype)
+            except Exception as e:
+                for _ in weights:  # the other ranks' gathers (ZeRO-3) go on to the end
+                    pass
+                return {"error": f"{type(e).__name__}: {e}"}
             return {"seconds": time.perf_counter() - t0, "bytes": sent}
         else:
             published = full_payload(version, self._export_weights(), dtype=engine_dtype)
@@ -365,6 +377,8 @@ class LearnerWorker:
                 tensors.update({k: v for k, v in module._buffers.items()
                                 if v is not None and k not in module._non_persistent_buffers_set})
                 params = list(module.parameters(recurse=False))
+            if prefix in lora_layers and any(id(v) in exported for v in tensors.values()):
+                raise ValueError(f"LoRA on {prefix}, whose weight is tied to a module exported before: not supported")
             tensors = {k: v for k, v in tensors.items() if id(v) not in exported}
             exported.update(id(v) for v in tensors.values())
             if not tensors:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
-from rayalign.rollout.weight_sync import Published, current_node, local_buckets, remove_files, write_lora_files
+from rayalign.rollout.weight_sync import (Published, current_node, local_buckets, remove_files, sweep_stale_files,
+                                          write_lora_files)
 from rayalign.types import Rollout
 
 
@@ -36,6 +37,8 @@ class VLLMEngine:
 
     With ``store_name`` set, the engine follows the `WeightStore` of that name: it applies the latest published
     version in its constructor (so a restarted engine comes back current) and whenever asked for a newer one.
+    Versions that were broadcast (`join_weight_group`, `receive`) cannot be pulled: a restarted engine then holds
+    version -1 and refuses work (`EngineBehindError`) until its group pushes the current version again.
     """
 
     def __init__(self, model_path: str, model: ModelConfig, engine: EngineConfig, engine_id: int = 0, *,
@@ -44,6 +47,7 @@ class VLLMEngine:
         from vllm import LLM
 
         started = time.perf_counter()
+        sweep_stale_files()  # this node's weight files left by killed jobs
         kwargs = vllm_kwargs(
             model_path, model.dtype, engine,
             trust_remote_code=model.trust_remote_code,
@@ -86,7 +90,8 @@ class VLLMEngine:
                     "copied_bytes": 0}
         published: Published = ray.get(self._store.latest.remote())
         copied = 0
-        if published.kind == "broadcast":  # nothing to pull: the group pushes it (`RolloutGroup.push`)
+        if published.kind == "broadcast":  # nothing to pull: the group pushes it again (`RolloutGroup.push`)
+            self.policy_version = -1  # no version at all meanwhile: generate and chat refuse
             return {"version": self.policy_version, "applied": False, "seconds": time.perf_counter() - t0,
                     "copied_bytes": 0}
         if published.kind == "lora":
@@ -131,7 +136,11 @@ class VLLMEngine:
     def receive(self, version: int) -> dict[str, Any]:
         """Take version ``version`` from the weight group's sender (who broadcasts it meanwhile)."""
         t0 = time.perf_counter()
-        received = self.llm.collective_rpc("rayalign_receive")
+        try:
+            received = self.llm.collective_rpc("rayalign_receive")
+        except BaseException:
+            self.policy_version = -1  # some layers may hold the new weights already: no version until a push
+            raise
         self.llm.reset_prefix_cache()
         self.policy_version = version
         return {"version": version, "applied": True, "seconds": time.perf_counter() - t0, "copied_bytes": 0,
@@ -170,6 +179,9 @@ class VLLMEngine:
 
     def chat(self, messages: list[dict[str, str]], sampling: SamplingConfig) -> dict[str, Any]:
         """One multi-turn chat completion with the current policy (for the HTTP route)."""
+        if self.policy_version < 0:
+            raise EngineBehindError(f"engine {self.engine_id} restarted and holds no policy version until the "
+                                    f"learner pushes the current one (at the next generate or sync)")
         out = self.llm.chat([messages], self._sampling_params(sampling), use_tqdm=False,
                             lora_request=self._lora_request)[0]
         sample = out.outputs[0]

@@ -3,13 +3,15 @@
 Why actors behind one handle rather than Serve replicas: Serve routes each request to one replica of its choice,
 but the driver must reach *every* engine (to split a batch evenly and to sync weights). Engines are Ray actors
 that Ray restarts on failure; an engine pulls the latest published version in its constructor, so a restarted
-engine is current before it takes work. HTTP serving of the same engines goes through a light Serve ingress
+engine is current before it takes work (a broadcast version cannot be pulled: the engine refuses work until
+`generate` has the group push it again). HTTP serving of the same engines goes through a light Serve ingress
 (`rayalign.rollout.serve`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import uuid
 from typing import Any, Literal, Protocol, Sequence
@@ -18,6 +20,8 @@ from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
 from rayalign.rollout.engine import EngineBehindError, VLLMEngine
 from rayalign.rollout.weight_sync import Published, WeightStore
 from rayalign.types import Rollout
+
+log = logging.getLogger("rayalign.rollout")
 
 
 class WeightSender(Protocol):
@@ -153,24 +157,39 @@ class RolloutGroup:
     def push(self, version: int, sender: WeightSender) -> SyncReport:
         """Full weights by broadcast: ``sender`` broadcasts its current weights as ``version`` while every engine
         receives them; when this returns, they all generate with it. The group is formed on the first push and
-        again whenever the engine processes changed (a restart, an added engine)."""
+        again whenever its members changed (an engine restarted or added, another sender). A push that fails
+        (an engine died midway, say) is tried once more in a group formed afresh."""
         import ray
 
         if self.transport != "full":
             raise RuntimeError(f"push sends full weights: it needs transport='full' (this group's is "
                                f"{self.transport!r})")
+        latest = ray.get(self.store.latest_version.remote())
+        if version < latest:
+            raise ValueError(f"cannot push v{version}: the engines' store is at v{latest}")
         t0 = time.perf_counter()
-        pids = [i["pid"] for i in self.infos()]
-        if pids != self._group_pids:
-            self._form_group(sender)
-            self._group_pids = pids
-        if version > ray.get(self.store.latest_version.remote()):
+        if version > latest:
             # a marker: engines that Ray restarts see it and wait to be pushed to (they have nothing to pull)
             ray.get(self.store.publish.remote(Published(version=version, kind="broadcast")))
-        futures = [e.receive.remote(version) for e in self.engines]
-        sent = sender.send(version)
-        results = ray.get(futures)
-        self.version, self._sender = version, sender
+        for attempt in (1, 2):
+            pids = [i["pid"] for i in self.infos()]
+            if pids != self._group_pids or sender is not self._sender:
+                self._group_pids = []  # until every member has joined the new group
+                self._form_group(sender)
+                self._group_pids, self._sender = pids, sender
+            futures = [e.receive.remote(version) for e in self.engines]
+            try:
+                sent = sender.send(version)
+                results = ray.get(futures)
+                break
+            except Exception as e:
+                self._group_pids = []
+                if attempt == 2:
+                    raise
+                log.warning("pushing v%d failed (%s: %s); trying once more in a new group", version,
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                ray.wait(futures, num_returns=len(futures))  # the engines are done with this attempt
+        self.version = version
         return SyncReport(version, time.perf_counter() - t0, tuple(r["seconds"] for r in results),
                           tuple(0 for _ in results), sent)
 
@@ -183,6 +202,8 @@ class RolloutGroup:
         world_size = 1 + per_engine * len(self.engines)
         joins = [e.join_weight_group.remote(host, port, 1 + i * per_engine, world_size, backend)
                  for i, e in enumerate(self.engines)]
+        failed, _ = ray.wait(joins, num_returns=len(joins), timeout=0.5)  # none can finish before the sender joins
+        ray.get(failed)  # an engine that could not even start joining raises here, not after the group's timeout
         sender.join(host, port, world_size, backend)
         ray.get(joins)
 

@@ -65,7 +65,8 @@ def sweep_stale_files(directory: Path | None = None) -> tuple[int, int]:
         try:
             size = path.stat().st_size
             path.unlink()
-        except FileNotFoundError:
+        except OSError as e:  # gone meanwhile, another user's (sticky /dev/shm), a directory: never fail the caller
+            log.debug("left %s: %s", path, e)
             continue
         removed, freed = removed + 1, freed + size
     if removed:
@@ -191,17 +192,17 @@ def lora_payload(version: int, adapter_dir: str | Path) -> Published:
     return Published(version=version, kind="lora", lora_files=files)
 
 
-def bucketed(named_tensors: Iterable[tuple[str, Any]], bucket_bytes: int,
-             dtype: Any = None) -> Iterator[tuple[list[tuple[str, Any]], int]]:
+def bucketed(named_tensors: Iterable[tuple[str, Any]], bucket_bytes: int, dtype: Any = None,
+             device: Any = None) -> Iterator[tuple[list[tuple[str, Any]], int]]:
     """Group ``(name, tensor)`` pairs into buckets of at most ``bucket_bytes`` (a larger tensor gets its own):
-    yields (pairs, total bytes). ``dtype`` converts on the way."""
+    yields (pairs, total bytes). ``dtype`` and ``device`` convert on the way (a bucket waits on that device)."""
     pending: list[tuple[str, Any]] = []
     size = 0
     for name, tensor in named_tensors:
         t = tensor.detach()
         if dtype is not None:
             t = t.to(dtype)
-        t = t.contiguous()
+        t = t.contiguous() if device is None else t.to(device).contiguous()
         n = t.numel() * t.element_size()
         if pending and size + n > bucket_bytes:
             yield pending, size
@@ -223,7 +224,7 @@ def full_payload(version: int, named_tensors: Iterable[tuple[str, Any]], *,
     run = uuid.uuid4().hex[:8]
     node_id = current_node()
     buckets: list[Bucket] = []
-    for tensors, size in bucketed(named_tensors, bucket_bytes, dtype):
+    for tensors, size in bucketed(named_tensors, bucket_bytes, dtype, "cpu"):
         path = shm_file(f"{run}-v{version}-b{len(buckets)}")
         data = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
         buckets.append(Bucket(str(path), size, pack(tensors, data), node_id))
