@@ -86,14 +86,12 @@ class VLLMEngine:
         if self._store is None:
             raise RuntimeError("this engine follows no weight store (start it with store_name=...)")
         if ray.get(self._store.latest_version.remote()) == self.policy_version:  # cheap check before the payload
-            return {"version": self.policy_version, "applied": False, "seconds": time.perf_counter() - t0,
-                    "copied_bytes": 0}
+            return self._report(t0, applied=False)
         published: Published = ray.get(self._store.latest.remote())
         copied = 0
         if published.kind == "broadcast":  # nothing to pull: the group pushes it again (`RolloutGroup.push`)
             self.policy_version = -1  # no version at all meanwhile: generate and chat refuse
-            return {"version": self.policy_version, "applied": False, "seconds": time.perf_counter() - t0,
-                    "copied_bytes": 0}
+            return self._report(t0, applied=False)
         if published.kind == "lora":
             self._apply_lora(published)
         elif published.kind == "full":
@@ -101,8 +99,13 @@ class VLLMEngine:
         else:
             raise ValueError(f"cannot apply a published version of kind {published.kind!r}")
         self.policy_version = published.version
-        return {"version": self.policy_version, "applied": True, "seconds": time.perf_counter() - t0,
-                "copied_bytes": copied}
+        return self._report(t0, applied=True, copied_bytes=copied)
+
+    def _report(self, t0: float, applied: bool, copied_bytes: int = 0) -> dict[str, Any]:
+        """What `sync` and `receive` answer: the version now held, whether it changed, the seconds since ``t0``
+        and the bytes first copied from another node."""
+        return {"version": self.policy_version, "applied": applied, "seconds": time.perf_counter() - t0,
+                "copied_bytes": copied_bytes}
 
     def _apply_lora(self, published: Published) -> None:
         from vllm.lora.request import LoRARequest
@@ -143,8 +146,7 @@ class VLLMEngine:
             raise
         self.llm.reset_prefix_cache()
         self.policy_version = version
-        return {"version": version, "applied": True, "seconds": time.perf_counter() - t0, "copied_bytes": 0,
-                "received_bytes": received[0]}
+        return {**self._report(t0, applied=True), "received_bytes": received[0]}
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, version: int | None = None,
                  chat: bool = True) -> list[Rollout]:

@@ -17,8 +17,8 @@ its own /dev/shm, loads them, and deletes the copies. On clusters, `rayalign.rol
 by a collective broadcast instead (NCCL on GPU, gloo on CPU): the version is then only a marker in the store.
 
 A file's name starts with the pid (and pid namespace) of the process that wrote it, ``rayalign-<ns>-<pid>-...``: a
-job that is killed cannot delete its files, so a new `WeightStore` deletes those whose writer is gone
-(`sweep_stale_files`).
+job that is killed cannot delete its files, so a new `WeightStore`, engine or learner node deletes, on its node,
+those whose writer is gone (`sweep_stale_files`).
 """
 
 from __future__ import annotations
