@@ -368,8 +368,9 @@ class LearnerConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training dtype (bfloat16 uses DeepSpeed's bf16 mode with fp32 master weights)."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 0-2 keep whole weights on every rank; 3 shards them too (for models whose weights do
-    not fit one worker), at the price of a gather per layer in every forward and weight export."""
+    """DeepSpeed ZeRO stage: 0-2 keep whole weights on every rank; 3 shards them too, and the frozen reference of
+    a full finetune (for models whose weights do not fit one worker), at the price of a gather per layer in every
+    forward and weight export."""
     lr: float = 5e-5
     """AdamW learning rate."""
     weight_decay: float = 0.0

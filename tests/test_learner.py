@@ -151,3 +151,40 @@ def test_zero3_learner_exports_and_resumes_whole_weights(local_ray, model_path, 
     finally:
         resumed.shutdown()
     assert torch.allclose(again[mask], policy[mask], atol=1e-5)
+
+
+def test_zero3_full_finetune_shards_the_frozen_reference(local_ray, model_path, tmp_path):
+    """ZeRO-3 full finetune on 2 ranks: the frozen reference is sharded like the policy, its logprobs are the base
+    model's before and after an update, while the policy's move."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from rayalign.learner.batch import minibatch_plan, pad_rollouts
+    from rayalign.learner.group import Learner
+
+    config = LearnerConfig(num_workers=2, zero_stage=3, finetune="full", micro_batch_size=1, lr=1e-4)
+    algo = AlgorithmConfig(name="grpo", kl_in="loss", minibatch_size=4)
+    rollouts = _rollouts(model_path)
+    batch = pad_rollouts(rollouts)
+    mask = batch["response_mask"].bool()
+    batch["advantages"] = torch.tensor([[1.0], [-1.0], [0.5]]) * batch["response_mask"]
+    plan = minibatch_plan(3, 4, 2, 1, 1, torch.Generator().manual_seed(0))
+    learner = Learner(model_path, learner=config, lora=LoraConfig(), algorithm=algo, storage_path=str(tmp_path),
+                      run_name="zero3-full", seed=0)
+    try:
+        info = learner.setup()
+        assert info["trainable_params"] == info["params"]
+        assert 0 < info["reference_params_on_rank"] <= info["params"] // 2 + 1000  # half of every frozen weight
+        first = learner.forward(ray.put(batch), 3, 1.0)
+        stats, _ = learner.train(ray.put(batch), plan, 1.0, 0.05, single_pass=True)
+        after = learner.forward(ray.put(batch), 3, 1.0)
+    finally:
+        learner.shutdown()
+
+    base = _hf_logprobs(AutoModelForCausalLM.from_pretrained(model_path).eval(), rollouts)
+    for row, logprobs in enumerate(base):
+        n = len(logprobs)
+        for what in (first["logprobs"], first["ref_logprobs"], after["ref_logprobs"]):
+            assert torch.allclose(what[row, :n], logprobs, atol=1e-4)
+    assert stats["optimizer_steps"] == 1
+    assert (after["logprobs"] - after["ref_logprobs"])[mask].abs().max() > 1e-3  # the policy moved, not the reference

@@ -124,7 +124,8 @@ class Learner:
     def setup(self) -> dict[str, Any]:
         """Wait for the workers to build their engines (and restore the run's checkpoint, if any).
         Returns rank 0's answer: ``driver_state`` (None on a fresh run), ``trainable_params``, ``threads``,
-        ``params`` and ``params_on_rank`` (the elements rank 0 holds: fewer than ``params`` under ZeRO-3)."""
+        ``params``, ``params_on_rank`` (the elements rank 0 holds: fewer than ``params`` under ZeRO-3) and
+        ``reference_params_on_rank`` (those of the frozen reference of a full finetune, sharded too under ZeRO-3)."""
         return self._call("setup")[0]
 
     def forward(self, batch_ref: Any, num_rows: int, temperature: float) -> dict[str, Any]:

@@ -103,14 +103,22 @@ class LearnerWorker:
             # while this object lives, from_pretrained loads each rank's shard only (deepspeed.zero.Init)
             hf_zero3 = HfDeepSpeedConfig(ds_config)
         self.policy = _build_policy(spec["model_path"], self.learner, lora, value_head=self.algo.name == "ppo")
-        del hf_zero3  # the frozen reference below stays whole: DeepSpeed does not run it, so nothing would gather it
         self.reference = None
         if self.learner.finetune == "full":  # LoRA's reference is the same model with the adapter switched off
             from transformers import AutoModelForCausalLM
 
-            self.reference = AutoModelForCausalLM.from_pretrained(spec["model_path"],
-                                                                  torch_dtype=self.policy.lm.dtype).eval()
-            self.reference.requires_grad_(False)
+            reference = AutoModelForCausalLM.from_pretrained(spec["model_path"], torch_dtype=self.policy.lm.dtype)
+            reference.requires_grad_(False)
+            if self.zero3:
+                # sharded like the policy (loaded under HfDeepSpeedConfig); an engine without an optimizer gathers
+                # each layer's weights for its forward and frees them after
+                reference, _, _, _ = deepspeed.initialize(model=reference, config={
+                    key: ds_config[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                                    "train_batch_size", "zero_optimization", "bf16",
+                                                    "steps_per_print")})
+            reference.eval()  # (a DeepSpeed engine's eval returns None)
+            self.reference = reference
+        del hf_zero3
 
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.learner.lr, weight_decay=self.learner.weight_decay)
@@ -149,9 +157,11 @@ class LearnerWorker:
         params = list(self.policy.parameters())
         # ds_numel: a ZeRO-3 parameter's full size (the local tensor is this rank's shard)
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+        reference = list(self.reference.parameters()) if self.reference is not None else []
         return {"driver_state": state, "trainable_params": trainable, "rank": self.rank, "pid": os.getpid(),
                 "threads": torch.get_num_threads(), "params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
-                "params_on_rank": sum(getattr(p, "ds_tensor", p).numel() for p in params)}
+                "params_on_rank": sum(getattr(p, "ds_tensor", p).numel() for p in params),
+                "reference_params_on_rank": sum(getattr(p, "ds_tensor", p).numel() for p in reference)}
 
     def _forward(self, mb: dict[str, Any], temperature: float, reference: bool = False):
         from rayalign.learner.batch import gather_response, logits_from, response_positions, token_logprobs
