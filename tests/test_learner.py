@@ -155,12 +155,14 @@ def test_zero3_learner_exports_and_resumes_whole_weights(local_ray, model_path, 
 
 def test_zero3_full_finetune_shards_the_frozen_reference(local_ray, model_path, tmp_path):
     """ZeRO-3 full finetune on 2 ranks: the frozen reference is sharded like the policy, its logprobs are the base
-    model's before and after an update, while the policy's move."""
+    model's before and after an update, while the policy's move; the published weights give the policy's."""
     import ray
     from transformers import AutoModelForCausalLM
 
+    from conftest import read_buckets
     from rayalign.learner.batch import minibatch_plan, pad_rollouts
     from rayalign.learner.group import Learner
+    from rayalign.rollout.weight_sync import WeightStore
 
     config = LearnerConfig(num_workers=2, zero_stage=3, finetune="full", micro_batch_size=1, lr=1e-4)
     algo = AlgorithmConfig(name="grpo", kl_in="loss", minibatch_size=4)
@@ -178,6 +180,11 @@ def test_zero3_full_finetune_shards_the_frozen_reference(local_ray, model_path, 
         first = learner.forward(ray.put(batch), 3, 1.0)
         stats, _ = learner.train(ray.put(batch), plan, 1.0, 0.05, single_pass=True)
         after = learner.forward(ray.put(batch), 3, 1.0)
+        store = ray.remote(WeightStore).options(name="zero3-full-store").remote()
+        learner.publish("zero3-full-store", 1, "full", "float32")
+        published = AutoModelForCausalLM.from_pretrained(model_path)
+        published.load_state_dict(read_buckets(ray.get(store.latest.remote())), strict=False)
+        ray.get(store.close.remote())
     finally:
         learner.shutdown()
 
@@ -188,3 +195,5 @@ def test_zero3_full_finetune_shards_the_frozen_reference(local_ray, model_path, 
             assert torch.allclose(what[row, :n], logprobs, atol=1e-4)
     assert stats["optimizer_steps"] == 1
     assert (after["logprobs"] - after["ref_logprobs"])[mask].abs().max() > 1e-3  # the policy moved, not the reference
+    for row, logprobs in enumerate(_hf_logprobs(published.eval(), rollouts)):
+        assert torch.allclose(logprobs, after["logprobs"][row, :len(logprobs)], atol=1e-4)
