@@ -1,9 +1,10 @@
 """One GRPO step on CPU: rayalign's `jobs/ppo.py` vs TRL's `GRPOTrainer` with its default generation (HF `generate`).
 
 Both sides train the same model (the embedded SmolLM2-135M unless --model) with the same LoRA adapter (rank 16,
-alpha 32, dropout 0, on q/k/v/o/gate/up/down), lr 5e-5, KL in the loss with coefficient 0.05 (TRL: beta=0.05, so
-it too computes reference logprobs, with the adapter disabled), on the same prompts (the ones rayalign's step k
-trains on, fed to TRL in that order as chat messages, so both use the chat template), rewarded by the same rule
+alpha 32, dropout 0, on q/k/v/o/gate/up/down), lr 5e-5, the k3 KL estimate in the loss with coefficient 0.05
+(TRL: beta=0.05, so it too computes reference logprobs, with the adapter disabled), on the same prompts (the
+ones rayalign's step k trains on, fed to TRL in that order as chat messages, so both use the chat template),
+rewarded by the same rule
 (`vegetarian_lexicon`), with one optimizer step per RL step of --prompts x --generations completions in
 micro-batches of 4, and fixed-length responses of --max-new-tokens at temperature 1.0
 (rayalign: vLLM `ignore_eos`; TRL: `generation_kwargs={"min_new_tokens": N}` with `max_completion_length=N`).

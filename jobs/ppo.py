@@ -11,7 +11,7 @@ with LoRA, the CPU vLLM build and DeepSpeed's CPU accelerator, on a local Ray. D
 the PPO value head shares the policy's backbone (one forward pass gives logits and values, as in TRL's PPO
 v1); the old-policy logprobs are recomputed by the learner rather than taken from the engine (they differ
 slightly; ``rollout/logprob_diff`` shows by how much). When a step makes one optimizer step and its advantages
-read no logprobs (GRPO/RLOO with ``algorithm.kl_in=loss``, one epoch, one minibatch), the learner skips that
+read no logprobs (GRPO, or RLOO with ``algorithm.kl_in=loss``, one epoch, one minibatch), the learner skips that
 separate pass: the old policy is the current one, and the reference logprobs come from the training pass.
 
     python jobs/ppo.py                                    # the default: vegetarian chatbot, SmolLM2, LoRA, CPU
@@ -86,6 +86,9 @@ class PPOJobConfig:
                 and self.engine.num_gpus == 0):
             raise C.ConfigError("learner.full_sync=broadcast: a GPU learner broadcasts with NCCL, which cannot reach "
                                 "CPU engines (engine.num_gpus=0); use shared_memory")
+        if self.learner.finetune == "lora" and self.lora.dropout > 0:
+            raise C.ConfigError("lora.dropout: the PPO ratio compares passes over the same weights, which dropout "
+                                "would make differ; expected 0")
         if self.learner.finetune == "lora" and self.lora.rank > 64:
             raise C.ConfigError("lora.rank: the rollout engines accept adapters up to rank 64")
 
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     started = f"from {resume_from}" if fork else "resuming" if resume_from else "new"
     log.info("run %s in %s (%s); %d prompts from %s", run_name, storage, started,
              len(dataset.prompts), dataset.source)
+    if cfg.sampling.top_p < 1:
+        log.warning("sampling.top_p=%s: the engines sample from the nucleus, the learner's logprobs (and so the "
+                    "PPO ratio and the KL) are over the whole vocabulary", cfg.sampling.top_p)
 
     # -- start the pieces: learner first (it holds the resumed state), then the engines ---------------------
     learner = Learner(model_path, learner=cfg.learner, lora=cfg.lora, algorithm=algo, storage_path=storage,
@@ -259,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                 sent_bytes, synced = sync_engines(state["version"])
 
             kl = rl.sequence_kl(rl.token_kl(algo, old["logprobs"], old["ref_logprobs"], mask), mask)
-            kl_k3 = rl.sequence_kl(kl_estimate(old["logprobs"], old["ref_logprobs"], "k3"), mask)  # >= 0, for charts
+            # >= 0, for the charts
+            kl_k3 = rl.sequence_kl(kl_estimate(old["logprobs"], old["ref_logprobs"], "k3", mask), mask)
             kl_used = kl_ctl.value
             kl_ctl.update(kl, len(rollouts))
             rewards = [j.reward for j in judgements]

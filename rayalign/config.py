@@ -159,7 +159,7 @@ class LoraConfig:
     alpha: float = 32.0
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
     dropout: float = 0.0
-    """Dropout on the LoRA input during training."""
+    """Dropout on the LoRA input during training (jobs/ppo.py needs 0: its ratio compares two passes)."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Names of the linear layers that get adapters (Llama-style names by default)."""
 
@@ -324,15 +324,35 @@ class AlgorithmConfig:
     """Adaptive KL controller target (Ziegler et al.); null keeps kl_coef fixed."""
     kl_horizon: int = 10000
     """Adaptive KL controller horizon, in samples."""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """Per-token KL estimator."""
-    kl_in: Literal["reward", "loss"] = "reward"
-    """Where the KL penalty goes: shaped into the token rewards (PPO, RLOO) or added to the loss (GRPO)."""
+    kl_estimator: Literal["k1", "k3"] | None = None
+    """Per-token KL estimator; null: k1 with the KL in the reward, k3 with it in the loss. k1 in the loss is
+    refused: its gradient is zero in expectation over the policy's own samples (E[grad log pi] = 0), so it would
+    not pull the policy toward the reference."""
+    kl_in: Literal["reward", "loss"] | None = None
+    """Where the KL penalty goes: shaped into the token rewards or added to the loss; null: the loss for grpo, the
+    reward for ppo and rloo. grpo with the KL in the reward is refused: dividing by the group's reward std would
+    scale the penalty up to full-size advantages whenever a group's scores are equal."""
     whiten_advantages: bool = True
     """Normalise advantages over the batch (ppo)."""
 
+    @property
+    def kl_in_loss(self) -> bool:
+        """Whether the KL penalty goes into the loss (``kl_in``, or the algorithm's default)."""
+        return (self.kl_in or ("loss" if self.name == "grpo" else "reward")) == "loss"
+
+    @property
+    def estimator(self) -> str:
+        """The per-token KL estimator (``kl_estimator``, or the default for where the KL goes)."""
+        return self.kl_estimator or ("k3" if self.kl_in_loss else "k1")
+
     def validate(self) -> None:
         require_at_least("algorithm.epochs", self.epochs, 1)
+        if self.kl_in_loss and self.estimator == "k1":
+            raise ConfigError("algorithm.kl_estimator: k1 in the loss has a zero expected gradient (it would not "
+                              "hold the policy near the reference); use k3 with algorithm.kl_in=loss")
+        if self.name == "grpo" and not self.kl_in_loss:
+            raise ConfigError("algorithm.kl_in: grpo divides rewards by the group's std, which would scale a KL "
+                              "penalty in the reward up to full-size advantages; use kl_in=loss (grpo's default)")
         require_at_least("algorithm.minibatch_size", self.minibatch_size, 1)
         if self.clip_eps <= 0 or self.value_clip_eps <= 0:
             raise ConfigError("algorithm.clip_eps and algorithm.value_clip_eps must be > 0")

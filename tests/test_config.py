@@ -198,12 +198,26 @@ def test_shipped_ppo_configs_load_and_the_default_matches():
         (["learner.dtype=bfloat16"], "CPU training (num_gpus_per_worker=0) supports float32 only"),
         (["learner.full_sync=broadcast", "learner.num_gpus_per_worker=1"], "NCCL, which cannot reach CPU engines"),
         (["learner.full_sync=nccl"], "learner.full_sync: expected one of ['shared_memory', 'broadcast']"),
+        (["algorithm.kl_in=loss", "algorithm.kl_estimator=k1"], "k1 in the loss has a zero expected gradient"),
+        (["algorithm.name=grpo", "sampling.n=2", "algorithm.kl_in=reward"], "use kl_in=loss (grpo's default)"),
+        (["lora.dropout=0.1"], "lora.dropout: the PPO ratio compares passes over the same weights"),
     ],
 )
 def test_ppo_cross_field_rules(overrides, expected):
     job = load_job("ppo.py")
     with pytest.raises(C.ConfigError, match=re.escape(expected)):
         C.load_config(job.PPOJobConfig, None, overrides)
+
+
+def test_where_the_kl_goes_and_its_estimator_default_per_algorithm():
+    job = load_job("ppo.py")
+    for overrides, in_loss, estimator in ((["algorithm.name=ppo"], False, "k1"),
+                                          (["algorithm.name=rloo", "sampling.n=2"], False, "k1"),
+                                          (["algorithm.name=rloo", "sampling.n=2", "algorithm.kl_in=loss"], True, "k3"),
+                                          (["algorithm.name=grpo", "sampling.n=2"], True, "k3"),
+                                          (["algorithm.kl_in=reward", "algorithm.kl_estimator=k3"], False, "k3")):
+        algo = C.load_config(job.PPOJobConfig, None, overrides).algorithm
+        assert (algo.kl_in_loss, algo.estimator) == (in_loss, estimator), overrides
 
 
 def test_overrides_keep_the_jobs_own_section_defaults():

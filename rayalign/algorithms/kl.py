@@ -8,14 +8,18 @@ from typing import Literal
 import torch
 
 
-def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                kind: Literal["k1", "k3"] = "k1") -> torch.Tensor:
-    """Per-token KL(pi || ref) estimates from sampled tokens' logprobs, (B, T) -> (B, T).
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: Literal["k1", "k3"] = "k1",
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimates from sampled tokens' logprobs, (B, T) -> (B, T); 0 where ``mask`` is 0
+    (padding never reaches the ``exp``, so it cannot overflow into inf * 0 = NaN).
 
     k1 = log pi - log ref (unbiased, can be negative); k3 = exp(ref - pi) - (ref - pi) - 1 (unbiased, >= 0,
-    lower variance; Schulman's "approximating KL divergence").
+    lower variance; Schulman's "approximating KL divergence"). In a loss only k3's gradient pulls pi toward ref:
+    k1's is zero in expectation over pi's own samples.
     """
     log_ratio = logprobs - ref_logprobs
+    if mask is not None:
+        log_ratio = torch.where(mask.bool(), log_ratio, torch.zeros_like(log_ratio))
     if kind == "k1":
         return log_ratio
     if kind == "k3":

@@ -14,7 +14,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     All inputs (B, T); ``advantages`` may be (B, 1) for sequence-level advantages (GRPO / RLOO).
     Returns the loss and stats: clip_frac (share of tokens where the clipped term won), approx_kl (k3 of old vs new).
     """
-    log_ratio = logprobs - old_logprobs
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs))  # no exp of padding
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)

@@ -17,13 +17,13 @@ from rayalign.config import AlgorithmConfig
 def needs_logprobs(algo: AlgorithmConfig) -> bool:
     """Whether `advantages` reads the old-policy and reference logprobs (PPO always: values and KL-shaped
     rewards; GRPO / RLOO only with the KL in the reward)."""
-    return algo.name == "ppo" or algo.kl_in == "reward"
+    return algo.name == "ppo" or not algo.kl_in_loss
 
 
 def token_kl(algo: AlgorithmConfig, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
              mask: torch.Tensor) -> torch.Tensor:
     """Per-token KL(policy || reference) with the configured estimator, 0 on padding. (B, T)."""
-    return kl_estimate(logprobs, ref_logprobs, algo.kl_estimator) * mask
+    return kl_estimate(logprobs, ref_logprobs, algo.estimator, mask)
 
 
 def advantages(algo: AlgorithmConfig, scores: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor | None,
@@ -31,14 +31,14 @@ def advantages(algo: AlgorithmConfig, scores: torch.Tensor, mask: torch.Tensor, 
                group_size: int) -> dict[str, torch.Tensor]:
     """scores (B,), the rest (B, T). Returns ``advantages`` (B, T) and ``returns`` (B, T; PPO only).
 
-    PPO: KL-shaped token rewards (when ``kl_in == "reward"``), GAE, whitening. GRPO / RLOO: a sequence-level
+    PPO: KL-shaped token rewards (with the KL in the reward), GAE, whitening. GRPO / RLOO: a sequence-level
     advantage from the prompt's group (``group_size`` consecutive rows), the same for every token; with
-    ``kl_in == "reward"`` the sequence KL is subtracted from the score first. The logprobs may be None when
+    the KL in the reward (rloo) the sequence KL is subtracted from the score first. The logprobs may be None when
     `needs_logprobs` is false.
     """
     if needs_logprobs(algo) and (logprobs is None or ref_logprobs is None):
-        raise ValueError(f"{algo.name} with kl_in={algo.kl_in} needs the old-policy and reference logprobs")
-    reward_kl_coef = kl_coef if algo.kl_in == "reward" else 0.0
+        raise ValueError(f"{algo.name} with the KL in the reward needs the old-policy and reference logprobs")
+    reward_kl_coef = 0.0 if algo.kl_in_loss else kl_coef
     if algo.name == "ppo":
         kl = token_kl(algo, logprobs, ref_logprobs, mask)
         if values is None:
@@ -49,7 +49,7 @@ def advantages(algo: AlgorithmConfig, scores: torch.Tensor, mask: torch.Tensor, 
             adv = masked_whiten(adv, mask)
         return {"advantages": adv, "returns": returns}
     shaped = scores
-    if algo.kl_in == "reward":
+    if not algo.kl_in_loss:
         shaped = scores - reward_kl_coef * token_kl(algo, logprobs, ref_logprobs, mask).sum(dim=1)
     if algo.name == "grpo":
         seq = grpo_advantages(shaped, group_size)

@@ -49,6 +49,12 @@ def _build_policy(model_path: str, learner: Any, lora: Any, value_head: bool) ->
             return out.logits, hidden
 
     lm = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
+    # no dropout: the old-policy pass (eval mode) and the training pass (train mode) must see the same function
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     if learner.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
         lm.enable_input_require_grads()
@@ -273,8 +279,8 @@ class LearnerWorker:
                                               mask, algo.value_clip_eps)
                     loss = loss + algo.vf_coef * vf
                     stats.update(value_loss=vf, **vf_stats)
-                if algo.kl_in == "loss" and kl_coef > 0:
-                    kl = masked_mean(kl_estimate(logprobs, ref_logprobs, algo.kl_estimator), mask)
+                if algo.kl_in_loss and kl_coef > 0:
+                    kl = masked_mean(kl_estimate(logprobs, ref_logprobs, algo.estimator, mask), mask)
                     loss = loss + kl_coef * kl
                     stats["kl_loss"] = kl
                 entropy = masked_mean(entropy_from_logits(selected), mask)
