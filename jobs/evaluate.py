@@ -164,7 +164,8 @@ def _from_mlflow_run(spec: str, run_id: str, download_dir: Path) -> Candidate:
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise InputError(f"--model {spec}: no MLflow run {run_id}: the tracking store {uri} does not exist")
+        raise InputError(f"--model {spec}: no MLflow run {run_id}: the tracking store {C.redact_url(uri)} "
+                         f"does not exist")
     client = MlflowClient(uri)
     try:
         client.get_run(run_id)
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + R.headline_table(report))
     if report["pairwise"]:
         print("\n" + R.win_rate_table(report))
-    print(f"\nreport: {out / 'report.md'} (MLflow run {tracker.run_id} at {tracker.uri})")
+    print(f"\nreport: {out / 'report.md'} (MLflow run {tracker.run_id} at {C.redact_url(tracker.uri)})")
     ray.shutdown()
     return 0
 

@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from typing import NoReturn
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -86,6 +87,9 @@ class PPOJobConfig:
                 and self.engine.num_gpus == 0):
             raise C.ConfigError("learner.full_sync=broadcast: a GPU learner broadcasts with NCCL, which cannot reach "
                                 "CPU engines (engine.num_gpus=0); use shared_memory")
+        if self.sampling.max_new_tokens >= self.engine.max_model_len:
+            raise C.ConfigError(f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) leaves no room for the "
+                                f"prompt in engine.max_model_len ({self.engine.max_model_len})")
         if self.learner.finetune == "lora" and self.lora.dropout > 0:
             raise C.ConfigError("lora.dropout: the PPO ratio compares passes over the same weights, which dropout "
                                 "would make differ; expected 0")
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.parse_job_config(PPOJobConfig, argv, description=__doc__ or "")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from rayalign.data.prompts import DatasetError, load_prompts, prompt_indices
+    from rayalign.data.prompts import DatasetError, fit_to_context, load_prompts, prompt_indices
     from rayalign.judge.reward import build_reward, resource_needs
     from rayalign.learner.checkpoints import mark_complete, resolve_run
     from rayalign.models import ModelNotFoundError, resolve_model
@@ -112,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dataset = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
         model_path = resolve_model(cfg.model.name)
+        from transformers import AutoTokenizer
+
+        dataset = fit_to_context(dataset, AutoTokenizer.from_pretrained(model_path),
+                                 cfg.engine.max_model_len - cfg.sampling.max_new_tokens)
         storage, run_name, resume_from, fork = resolve_run(cfg.trainer)
         reward_fn = build_reward(cfg.reward)  # starts nothing yet; a bad reward-model path fails here
     except (DatasetError, ModelNotFoundError, C.ConfigError) as e:
@@ -188,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     tracker.log_metrics({"learner/trainable_params": setup["trainable_params"]}, step=state["step"])
     last_checkpoint = state["step"] if resume_from and not fork else -1  # the fork's own run has none yet
     judge_failures_total = int(state.get("judge_failures_total", 0))
+    failed_steps = 0  # in a row, with too few samples left after judging
 
     def checkpoint(step: int) -> None:
         nonlocal last_checkpoint
@@ -196,6 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         mark_complete(storage, run_name, step)  # every rank's part is in storage: safe to resume from
         last_checkpoint = step
         log.info("checkpoint of step %d saved to %s/%s (%.1f s)", step, storage, run_name, seconds)
+
+    def stop(step: int, reason: str) -> NoReturn:
+        """End the run at ``step`` with a one-line error, every finished step checkpointed first."""
+        if 0 < step - 1 and last_checkpoint < step - 1:
+            checkpoint(step - 1)
+        done = f"steps up to {step - 1} are checkpointed in {storage}/{run_name}" if step > 1 else \
+            "no step had finished"
+        raise SystemExit(f"error: {reason}; stopping at step {step} ({done})")
 
     # -- the loop -------------------------------------------------------------------------------------------
     status = "FINISHED"
@@ -212,11 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     judgements = reward_fn([r.prompt for r in rollouts], [r.response for r in rollouts])
                 except JudgeUnavailableError as e:
-                    if 0 < step - 1 and last_checkpoint < step - 1:
-                        checkpoint(step - 1)  # keep every finished step
-                    done = f"steps up to {step - 1} are checkpointed in {storage}/{run_name}" if step > 1 else \
-                        "no step had finished"
-                    raise SystemExit(f"error: the judge is unavailable; stopping at step {step} ({done}): {e}") from e
+                    stop(step, f"the judge is unavailable ({e})")
 
             # drop samples (GRPO/RLOO: whole prompt groups) whose judgement failed
             group = cfg.sampling.n if algo.name in ("grpo", "rloo") else 1
@@ -226,10 +239,18 @@ def main(argv: list[str] | None = None) -> int:
                     if all(j.ok for j in judgements[g:g + group]) for i in range(g, g + group)]
             metrics: dict[str, float] = {"judge/failures": failed, "judge/failures_total": judge_failures_total,
                                          "samples/kept": len(keep), "samples/dropped": len(rollouts) - len(keep)}
+            if failed:
+                log.warning("step %d: %d of %d judgements failed, e.g. %s", step, failed, len(judgements),
+                            next(j.error for j in judgements if not j.ok))
             if len(keep) < max(group, 1) or len(keep) < cfg.learner.num_workers:
-                log.warning("step %d: every judgement failed (%d); no update this step", step, failed)
                 tracker.log_metrics(metrics, step=step)
+                failed_steps += 1
+                if failed_steps >= trainer.max_failed_steps:
+                    stop(step, f"judging left too few samples to train on in {failed_steps} steps in a row "
+                               f"(trainer.max_failed_steps)")
+                log.warning("step %d: %d samples kept, too few to train on; no update this step", step, len(keep))
                 continue
+            failed_steps = 0
             rollouts = [rollouts[i] for i in keep]
             judgements = [judgements[i] for i in keep]
             scores = torch.tensor([j.reward for j in judgements], dtype=torch.float32)
@@ -323,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nreward {first['reward']:.3f} -> {last['reward']:.3f} (score {first['score']:.3f} -> "
               f"{last['score']:.3f}), KL {last['kl']:.4f} after {trainer.total_steps} steps ({algo.name}, "
               f"{cfg.learner.finetune}); judge failures {judge_failures_total}")
-    print(f"MLflow run {tracker.run_id} at {tracker.uri}\ncheckpoints: {storage}/{run_name}\nmodel: "
+    print(f"MLflow run {tracker.run_id} at {C.redact_url(tracker.uri)}\ncheckpoints: {storage}/{run_name}\nmodel: "
           + ", ".join(f"{k} {v}" for k, v in paths.items()))
     ray.shutdown()
     return 0

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\n{len(rollouts)} samples from {cfg.model.name} on {cfg.engine.num_engines} engine(s): "
             f"{metrics['output_tokens_per_second']:.1f} output tokens/s, {metrics['response_tokens_mean']:.1f} tokens "
-            f"per response. MLflow run {tracker.run_id} at {tracker.uri}"
+            f"per response. MLflow run {tracker.run_id} at {C.redact_url(tracker.uri)}"
         )
     ray.shutdown()
     return 0

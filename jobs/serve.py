@@ -141,18 +141,20 @@ def _from_run(run_id: str, download_dir: Path) -> Served:
     from mlflow.exceptions import MlflowException
 
     from rayalign.models import resolve_model
+    from rayalign.config import redact_url
     from rayalign.tracking import tracking_uri
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ServeInputError(f"serve.run_id: there is no MLflow store at {uri} (set MLFLOW_TRACKING_URI)")
+        raise ServeInputError(f"serve.run_id: there is no MLflow store at {redact_url(uri)} "
+                              f"(set MLFLOW_TRACKING_URI)")
     client = mlflow.MlflowClient(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise ServeInputError(f"serve.run_id: no MLflow run {run_id} in {uri}") from None
-        raise ServeInputError(f"serve.run_id: could not read run {run_id} from {uri}: "
+            raise ServeInputError(f"serve.run_id: no MLflow run {run_id} in {redact_url(uri)}") from None
+        raise ServeInputError(f"serve.run_id: could not read run {run_id} from {redact_url(uri)}: "
                               f"{e.message.splitlines()[0]}") from None
     saved = {a.path for a in client.list_artifacts(run_id, "model")}
     name = run.info.run_name or run_id

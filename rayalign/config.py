@@ -427,6 +427,9 @@ class TrainerConfig:
     """Seeds the prompt order, sampling and the learner."""
     checkpoint_every: int = 5
     """Checkpoint every this many steps (0: only at the end)."""
+    max_failed_steps: int = 3
+    """Steps in a row whose judging left too few samples to train on before the job stops (a judge that is down
+    for good), checkpointing the last finished step first."""
     storage_path: str = "./checkpoints"
     """Where Ray Train keeps checkpoints: a local directory or a cloud URI (s3://, gs://)."""
     run_name: str = ""
@@ -443,6 +446,7 @@ class TrainerConfig:
         require_at_least("trainer.total_steps", self.total_steps, 1)
         require_at_least("trainer.prompts_per_step", self.prompts_per_step, 1)
         require_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
+        require_at_least("trainer.max_failed_steps", self.max_failed_steps, 1)
         if not self.storage_path:
             raise ConfigError("trainer.storage_path: expected a directory or URI")
 
@@ -696,14 +700,38 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def redact(data: Any) -> Any:
-    """A copy of ``data`` with the value of every secret-looking key (``*_key``, ``token``, ``password``...) hidden."""
+    """A copy of ``data`` with the value of every secret-looking key (``*_key``, ``token``, ``password``...) hidden,
+    and the credentials in every URL (see `redact_url`)."""
     if isinstance(data, dict):
         return {
             k: (REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)) for k, v in data.items()
         }
     if isinstance(data, list):
         return [redact(v) for v in data]
+    if isinstance(data, str) and "://" in data:
+        return redact_url(data)
     return data
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (``scheme://user:pass@host``) and secret-looking query values (``?key=...``)
+    hidden, for logs and printed messages (e.g. a database URI in MLFLOW_TRACKING_URI)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret_query = any(_SECRET_KEY.search(k) for k, _ in pairs)
+    if parts.password is None and not secret_query:
+        return url  # as it was (urlunsplit would also rewrite sqlite://// paths)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username}:{REDACTED}@{netloc.rpartition('@')[2]}"
+    query = urlencode([(k, REDACTED if _SECRET_KEY.search(k) else v) for k, v in pairs]) if secret_query \
+        else parts.query
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -201,6 +201,7 @@ def test_shipped_ppo_configs_load_and_the_default_matches():
         (["algorithm.kl_in=loss", "algorithm.kl_estimator=k1"], "k1 in the loss has a zero expected gradient"),
         (["algorithm.name=grpo", "sampling.n=2", "algorithm.kl_in=reward"], "use kl_in=loss (grpo's default)"),
         (["lora.dropout=0.1"], "lora.dropout: the PPO ratio compares passes over the same weights"),
+        (["sampling.max_new_tokens=1024"], "leaves no room for the prompt in engine.max_model_len (1024)"),
     ],
 )
 def test_ppo_cross_field_rules(overrides, expected):
@@ -236,3 +237,11 @@ def test_exponent_floats_without_a_dot():
     assert C.load_config(job.PPOJobConfig, None, ["learner.lr=5e-05"]).learner.lr == 5e-05
     with pytest.raises(C.ConfigError, match="expected a float"):
         C.load_config(job.PPOJobConfig, None, ["learner.lr=fast"])
+
+
+def test_urls_lose_their_credentials_in_logs():
+    assert C.redact_url("postgresql://mlflow:s3cret@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
+    assert C.redact_url("https://judge.example/v1?api_key=abc&x=1") == "https://judge.example/v1?api_key=%2A%2A%2A&x=1"
+    assert C.redact_url("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    assert C.redact({"judge": {"url": "http://u:p@h/v1", "api_key_env": "JUDGE_KEY"}, "n": 3}) == {
+        "judge": {"url": "http://u:***@h/v1", "api_key_env": "JUDGE_KEY"}, "n": 3}

@@ -30,6 +30,9 @@ from rayalign.types import Judgement
     ("", None), (" high", None), (" 1.5", None), (" 10", None), (" -0.2", None),
     # A judge that starts by echoing the response is a failure, not the echoed number.
     (" The response says Score: 0.99", None), ("Answer: yes", None),
+    # part of a fraction, a scale or a decimal comma: not the number it starts with
+    (" 1/10", None), (" 1 out of 10", None), (" 1-5", None), (" 0,85", None), (" 1 of 5", None),
+    (" 0.85.", 0.85), (" 0.85, clearly", 0.85), (" 0.9 - fully compliant", 0.9),
 ])
 def test_parse_score(text, expected):
     assert parse_score(text) == expected
@@ -130,6 +133,12 @@ class _Stub(BaseHTTPRequestHandler):
         _Stub.seen.append((json.loads(self.rfile.read(length)), self.headers.get("Authorization")))
         status, body, delay = _Stub.script.pop(0) if len(_Stub.script) > 1 else _Stub.script[0]
         time.sleep(delay)
+        if body == "cut":  # a reply that ends mid-body
+            self.send_response(status)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"choi')
+            return
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -211,6 +220,32 @@ def test_dead_endpoint_opens_the_breaker_and_keeps_partial_results(stub):
     assert info.value.partial[0].score == 0.7
     assert all(j is None or j.reward is None for j in info.value.partial[1:])
     assert len(_Stub.seen) == 1 + 2 * 2  # one success, then two requests with one retry each, then it stops
+
+
+def test_odd_replies_fail_their_sample_not_the_run(stub):
+    _Stub.script = [(200, "cut", 0), (200, _reply(["Score: 0.9"]), 0)]  # cut mid-body, then a list for content
+    first, second = _judge(stub, max_retries=0, breaker_failures=5).judge(["q", "q"], ["a", "a"])
+    assert first.reward is None and "IncompleteRead" in first.error
+    assert second.reward is None and second.error == "malformed endpoint reply"
+
+
+def test_requests_refused_while_the_breaker_was_open_are_failed_judgements(monkeypatch):
+    """The breaker opens while a slow request is in flight and refuses the queued ones; the slow one then
+    succeeds and closes it: the refused samples come back as failures (dropped and counted), not as holes."""
+    from rayalign.judge import openai_judge
+
+    def post(body):
+        if "slow-ok" in json.dumps(body):
+            time.sleep(0.3)
+            return _reply("Score: 0.5")
+        raise openai_judge._Retryable("HTTP 503")
+
+    judge = _judge("http://127.0.0.1:1/v1", max_retries=0, breaker_failures=2, concurrency=4)
+    monkeypatch.setattr(judge, "_post", post)
+    out = judge.judge(["slow-ok"] + ["q"] * 19, ["a"] * 20)
+    assert not judge.breaker.open and len(out) == 20 and out[0].score == 0.5
+    assert all(j.reward is None for j in out[1:])
+    assert sum("not sent" in j.error for j in out[1:]) >= 10
 
 
 def test_missing_api_key_env_is_a_clear_error():

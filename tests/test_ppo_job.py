@@ -96,6 +96,7 @@ class _FlakyJudge(BaseHTTPRequestHandler):
     """OpenAI-compatible chat completions: every third request gets an answer with no score in it."""
 
     count = 0
+    fail_every = 3
     lock = threading.Lock()
 
     def do_POST(self):  # noqa: N802
@@ -103,7 +104,7 @@ class _FlakyJudge(BaseHTTPRequestHandler):
         with self.lock:
             type(self).count += 1
             n = self.count
-        content = "I would rather not grade this." if n % 3 == 0 else " 0.8"
+        content = "I would rather not grade this." if n % self.fail_every == 0 else " 0.8"
         body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -115,12 +116,20 @@ class _FlakyJudge(BaseHTTPRequestHandler):
         pass
 
 
+class _NeverScores(_FlakyJudge):
+    fail_every = 1
+
+
+def _serve(handler):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
 @pytest.fixture
 def flaky_judge():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyJudge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server, url = _serve(_FlakyJudge)
+    yield url
     server.shutdown()
 
 
@@ -209,6 +218,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_judge_that_never_scores_stops_the_job(tmp_path, model_path):
+    """Every answer unreadable: each step is dropped and counted, and after trainer.max_failed_steps such steps
+    in a row the job stops with one line (the finished step checkpointed) instead of running on empty."""
+    server, url = _serve(_NeverScores)
+    try:
+        result = run_job("ppo.py", *SMALL, "trainer.total_steps=5", "trainer.max_failed_steps=2",
+                         "trainer.checkpoint_every=0", "reward.judge.backend=openai", f"reward.judge.url={url}",
+                         "reward.judge.endpoint_model=stub", "reward.components=[]", cwd=tmp_path, timeout=900)
+    finally:
+        server.shutdown()
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: judging left too few samples to train on in 2 steps in a row (trainer.max_failed_steps); "
+        f"stopping at step 2 (steps up to 1 are checkpointed in {tmp_path / 'checkpoints'}/"
+        f"{_only_run(tmp_path)})"), result.stderr[-2000:]
+    assert "step 1: 4 of 4 judgements failed, e.g. unparsable judge answer" in result.stderr
+    client, (run,) = _runs(tmp_path)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "judge/failures")] == [
+        (1, 4.0), (2, 4.0)]
+
+
+def _only_run(cwd: Path) -> str:
+    (run,) = [p.name for p in (cwd / "checkpoints").iterdir() if p.is_dir()]
+    return run
 
 
 def test_ray_job_submit_on_a_local_head(tmp_path, model_path):

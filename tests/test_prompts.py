@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rayalign.data.prompts import DatasetError, dataset_path, load_prompts
+from rayalign.data.prompts import DatasetError, PromptSet, dataset_path, fit_to_context, load_prompts
 
 
 def test_shipped_vegetarian_sets():
@@ -51,3 +51,28 @@ def test_errors(tmp_path):
         load_prompts(str(tmp_path / "empty.jsonl"))
     with pytest.raises(DatasetError, match="unknown builtin dataset 'builtin:nope/x'"):
         load_prompts("builtin:nope/x")
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DatasetError, match="not UTF-8 text"):
+        load_prompts(str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DatasetError, match="not a readable Parquet file"):
+        load_prompts(str(tmp_path / "bad.parquet"))
+
+
+class _WordTokenizer:
+    """One token per word, plus 3 for the chat template (control flow only)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, return_dict):
+        assert add_generation_prompt and tokenize and return_dict
+        return {"input_ids": [0] * (len(messages[0]["content"].split()) + 3)}
+
+
+def test_prompts_too_long_for_the_engines_are_skipped_and_counted():
+    prompts = PromptSet(prompts=("one two", "one two three four five", "one"), source="p.jsonl", skipped=1)
+    fitted = fit_to_context(prompts, _WordTokenizer(), max_prompt_tokens=5)
+    assert fitted.prompts == ("one two", "one") and fitted.skipped == 2
+    with pytest.raises(DatasetError, match="every prompt is longer than 3 tokens"):
+        fit_to_context(prompts, _WordTokenizer(), max_prompt_tokens=3)

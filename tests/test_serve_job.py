@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -123,6 +124,24 @@ def test_run_ids_resolve_to_the_saved_model_or_exit_2(tmp_path, capsys, monkeypa
         assert code == 2 and expected in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("change, reason", [
+    ({"seed": 2**70}, "seed in [0, 2^63)"), ({"temperature": float("nan")}, "temperature in [0, 2]"),
+    ({"temperature": 3}, "temperature in [0, 2]"), ({"max_tokens": 0}, "max_tokens must be >= 1"),
+    ({"max_tokens": 1.5}, "'max_tokens' must be a number"), ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0] must be"),
+])
+def test_chat_requests_are_validated(change, reason):
+    from rayalign.config import SamplingConfig
+    from rayalign.rollout.serve import parse_chat_request
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **change}
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        parse_chat_request(body, SamplingConfig())
+    messages, sampling = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "seed": 7,
+                                             "temperature": 2}, SamplingConfig())
+    assert sampling.seed == 7 and sampling.temperature == 2.0 and sampling.n == 1
+
+
 def test_the_chat_page_is_self_contained():
     import importlib.resources
 
@@ -234,6 +253,16 @@ def test_chat_completion_over_http(server):
     assert reply["choices"][0]["message"]["content"].strip(), reply
     assert reply["policy_version"] == 1  # the adapter, applied through the engines' dynamic LoRA
     assert reply["model"].endswith("/adapter")  # named after the adapter's directory
+
+    # a conversation longer than the engine's context: vLLM refuses it, the route answers 400 in one line
+    body["messages"][0]["content"] = "lentils " * 3000
+    request = urllib.request.Request(f"{server.url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=300)
+    assert refused.value.code == 400
+    message = json.loads(refused.value.read())["error"]["message"]
+    assert "\n" not in message and "length" in message, message
 
     ip = _outbound_ip()
     if ip is not None:  # bound to 127.0.0.1 only: not reachable on the machine's own network address

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class PromptSet:
     prompts: tuple[str, ...]
     source: str
     skipped: int
-    """Rows without a non-empty string ``prompt`` (or unparsable lines)."""
+    """Rows without a non-empty string ``prompt`` (or unparsable lines), and prompts too long for the engines."""
 
 
 def dataset_path(name: str) -> Path:
@@ -49,15 +50,23 @@ def load_prompts(name: str, *, limit: int | None = None, field: str = "prompt") 
     rows: list[object]
     skipped = 0
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{name}: not a readable Parquet file ({e})") from None
         if field not in table.column_names:
             raise DatasetError(f"{name}: no '{field}' column (columns: {', '.join(table.column_names)})")
         rows = [{field: v} for v in table.column(field).to_pylist()]
     else:
         rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{name}: not UTF-8 text (byte {e.start}); expected JSONL or .parquet") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -79,6 +88,24 @@ def load_prompts(name: str, *, limit: int | None = None, field: str = "prompt") 
     if not prompts:
         raise DatasetError(f"{name}: no usable rows with a non-empty '{field}' string ({skipped} skipped)")
     return PromptSet(prompts=tuple(prompts), source=str(path), skipped=skipped)
+
+
+def fit_to_context(prompts: PromptSet, tokenizer: Any, max_prompt_tokens: int) -> PromptSet:
+    """``prompts`` without those whose chat-templated form (as the engines send it) is longer than
+    ``max_prompt_tokens``: vLLM would refuse the whole batch that held one. They are skipped and counted."""
+    def length(prompt: str) -> int:
+        return len(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"])
+
+    kept = tuple(p for p in prompts.prompts if length(p) <= max_prompt_tokens)
+    dropped = len(prompts.prompts) - len(kept)
+    if dropped:
+        log.warning("%s: skipped %d prompts longer than %d tokens (engine.max_model_len - sampling.max_new_tokens)",
+                    prompts.source, dropped, max_prompt_tokens)
+    if not kept:
+        raise DatasetError(f"{prompts.source}: every prompt is longer than {max_prompt_tokens} tokens "
+                           f"(engine.max_model_len - sampling.max_new_tokens)")
+    return dataclasses.replace(prompts, prompts=kept, skipped=prompts.skipped + dropped)
 
 
 def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> list[int]:

@@ -10,6 +10,7 @@ The API key is read from the environment variable named in the config and sent o
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import threading
@@ -83,7 +84,7 @@ class OpenAIJudge:
             if e.code >= 500 or e.code == 429:
                 raise _Retryable(f"HTTP {e.code}") from None
             raise ValueError(f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}") from None
-        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
             raise _Retryable(f"{type(reason).__name__}: {reason}") from None
 
@@ -100,6 +101,8 @@ class OpenAIJudge:
         try:
             choice = reply["choices"][0]
             text = choice["message"]["content"] or ""
+            if not isinstance(text, str):
+                raise TypeError(type(text).__name__)
         except (KeyError, IndexError, TypeError):
             return Judgement(None, None, raw=str(reply)[:200], error="malformed endpoint reply")
         if self.config.mode == "score":
@@ -145,7 +148,10 @@ class OpenAIJudge:
         reply, error = self._call(self._body(prompt, response))
         if reply is None:
             return Judgement(None, None, error=f"judge endpoint failed: {error}")
-        return self._read(reply)
+        try:
+            return self._read(reply)
+        except Exception as e:  # a reply shaped as no check in _read foresaw: this sample fails, the run goes on
+            return Judgement(None, None, raw=str(reply)[:200], error=f"unreadable endpoint reply ({type(e).__name__})")
 
     def compare_one(self, prompt: str, first: str, second: str) -> Choice | None:
         """Which response better meets the rubric, "A" (first) or "B"; None when the request failed or the reply
@@ -159,7 +165,7 @@ class OpenAIJudge:
             text = reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             return None
-        return parse_choice(text)
+        return parse_choice(text) if isinstance(text, str) else None
 
     def _down_message(self) -> str:
         return (f"judge endpoint {self.url} failed {self.breaker.failures} requests in a row "
@@ -178,9 +184,12 @@ class OpenAIJudge:
                     f.result()
                 except JudgeUnavailableError:
                     pass
+        # requests refused while the breaker was open; a later success may have closed it again
+        unsent = Judgement(None, None, error="not sent: the endpoint was failing (circuit breaker open)")
+        filled = [r if r is not None else unsent for r in results]
         if self.breaker.open:
-            raise JudgeUnavailableError(self._down_message(), results)
-        return results  # type: ignore[return-value]
+            raise JudgeUnavailableError(self._down_message(), filled)
+        return filled
 
     def compare(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> list[Choice | None]:
         """Pairwise comparisons, ``concurrency`` requests in flight (the batched form `pairwise.win_rate` takes)."""

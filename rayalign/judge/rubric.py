@@ -69,14 +69,17 @@ def fence(prompt: str, response: str) -> str:
     return f"{OPEN}\nUSER: {neutralise(prompt)}\nASSISTANT: {neutralise(response)}\n{CLOSE}"
 
 
-_NUMBER = re.compile(r"\s*([01](?:\.\d+)?|\.\d+)(?![\d.])")
+_NUMBER = re.compile(r"\s*([01](?:\.\d+)?|\.\d+)(?!\d|\.\d)")
+# what makes the number part of something else: a fraction or scale ("1/10", "1 out of 10", "1-5"), a decimal comma
+_NOT_A_SCORE = re.compile(r"\s*(?:/|out\s+of\b|of\s+\d|[-\u2013]\s*\d|,\d)", re.IGNORECASE)
 
 
 def parse_score(generated: str) -> float | None:
     """The judge's number from its own output (which follows the pre-filled ``Score:``). None when the output
-    does not start with a number in [0, 1] -- a judge that rambles first is a failure, not a 0."""
+    does not start with a number in [0, 1] -- a judge that rambles first is a failure, not a 0 -- or when that
+    number is part of a fraction, a scale or a decimal comma ("1/10" is not 1.0)."""
     match = _NUMBER.match(generated)
-    if match is None:
+    if match is None or _NOT_A_SCORE.match(generated, match.end()):
         return None
     value = float(match.group(1))
     return value if 0.0 <= value <= 1.0 else None

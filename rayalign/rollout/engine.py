@@ -184,8 +184,13 @@ class VLLMEngine:
         if self.policy_version < 0:
             raise EngineBehindError(f"engine {self.engine_id} restarted and holds no policy version until the "
                                     f"learner pushes the current one (at the next generate or sync)")
-        out = self.llm.chat([messages], self._sampling_params(sampling), use_tqdm=False,
-                            lora_request=self._lora_request)[0]
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            out = self.llm.chat([messages], self._sampling_params(sampling), use_tqdm=False,
+                                lora_request=self._lora_request)[0]
+        except VLLMClientError as e:  # the request's fault (e.g. longer than max_model_len): a ValueError to callers
+            raise ValueError(str(e)) from None
         sample = out.outputs[0]
         return {"text": sample.text, "finish_reason": str(sample.finish_reason),
                 "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(sample.token_ids),

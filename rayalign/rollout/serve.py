@@ -17,10 +17,15 @@ from typing import Any, Sequence
 from rayalign.config import SamplingConfig
 
 
-def _bad_request(message: str) -> Any:
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> Any:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(status_code=400, content={"error": {"message": message, "type": "invalid_request_error"}})
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 def parse_chat_request(body: Any, defaults: SamplingConfig) -> tuple[list[dict[str, str]], SamplingConfig]:
@@ -45,8 +50,9 @@ def parse_chat_request(body: Any, defaults: SamplingConfig) -> tuple[list[dict[s
                 raise ValueError(f"'{key}' must be a number")
             changes[field] = kind(value)
     sampling = dataclasses.replace(defaults, n=1, **changes)
-    if sampling.max_new_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-        raise ValueError("max_tokens must be >= 1, temperature >= 0 and top_p in (0, 1]")
+    if (sampling.max_new_tokens < 1 or not 0 <= sampling.temperature <= 2 or not 0 < sampling.top_p <= 1
+            or sampling.seed is not None and not 0 <= sampling.seed < 2**63):
+        raise ValueError("max_tokens must be >= 1, temperature in [0, 2], top_p in (0, 1] and seed in [0, 2^63)")
     return [{"role": m["role"], "content": m["content"]} for m in messages], sampling
 
 
@@ -58,6 +64,8 @@ def build_chat_app(engine_names: Sequence[str], namespace: str, model_name: str,
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse
     from ray import serve
+
+    from rayalign.rollout.engine import EngineBehindError
 
     api = FastAPI(title="rayalign policy")
     page = importlib.resources.files("rayalign.rollout").joinpath("chat.html").read_text()
@@ -82,10 +90,15 @@ def build_chat_app(engine_names: Sequence[str], namespace: str, model_name: str,
             try:
                 messages, sampling = parse_chat_request(await request.json(), defaults)
             except ValueError as e:
-                return _bad_request(str(e))
+                return _error(400, str(e))
             engine = self.engines[self.turn % len(self.engines)]
             self.turn += 1
-            out = await engine.chat.remote(messages, sampling)
+            try:
+                out = await engine.chat.remote(messages, sampling)
+            except EngineBehindError as e:  # a restarted engine, until the learner pushes the current policy
+                return _error(503, _last_line(e), "unavailable")
+            except ValueError as e:  # vLLM's own checks, e.g. a conversation longer than the engine's context
+                return _error(400, _last_line(e))
             return {
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
                 "object": "chat.completion",
