@@ -231,11 +231,11 @@ def test_a_judge_that_never_scores_stops_the_job(tmp_path, model_path):
     finally:
         server.shutdown()
     assert result.returncode == 1, result.stderr[-4000:]
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: judging left too few samples to train on in 2 steps in a row (trainer.max_failed_steps); "
-        f"stopping at step 2 (steps up to 1 are checkpointed in {tmp_path / 'checkpoints'}/"
-        f"{_only_run(tmp_path)})"), result.stderr[-2000:]
-    assert "step 1: 4 of 4 judgements failed, e.g. unparsable judge answer" in result.stderr
+    # (Ray's workers may print their own shutdown noise after it)
+    assert ("error: judging left too few samples to train on in 2 steps in a row (trainer.max_failed_steps); "
+            f"stopping at step 2 (steps up to 1 are checkpointed in {tmp_path / 'checkpoints'}/"
+            f"{_only_run(tmp_path)})\n") in result.stderr, result.stderr[-3000:]
+    assert "step 1: 4 of 4 judgements failed, e.g. judge: unparsable judge answer" in result.stderr
     client, (run,) = _runs(tmp_path)
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "judge/failures")] == [
         (1, 4.0), (2, 4.0)]
