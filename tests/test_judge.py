@@ -39,6 +39,14 @@ def test_serve_judge_scores_a_batch(serve_judge):
         assert "yes" in j.raw.lower() or "no" in j.raw.lower()
 
 
+def test_one_sample_too_long_for_the_judge_fails_alone(serve_judge):
+    prompts = [p for p, _ in PAIRS[:2]] * 2
+    responses = [r for _, r in PAIRS[:2]] + ["lentils " * 2000, PAIRS[0][1]]
+    out = serve_judge.judge(prompts, responses)
+    assert [j.ok for j in out] == [True, True, False, True]
+    assert "longer than the judge's context" in out[2].error and out[2].reward is None
+
+
 def test_serve_batching_and_unbatched_routes_agree(serve_judge):
     handle = serve_judge.handle
     batched = [handle.judge.remote(pair) for pair in PAIRS]  # concurrent requests, gathered by @serve.batch

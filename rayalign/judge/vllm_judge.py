@@ -67,8 +67,14 @@ class JudgeCore:
         else:
             params = SamplingParams(temperature=1.0, max_tokens=1, logprobs=len(self._answer_ids),
                                     allowed_token_ids=self._answer_ids)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [self._read(out.outputs[0]) for out in outputs]
+        # vLLM refuses a whole call that holds one prompt longer than the engine's context: fail only those
+        limit = self.llm.llm_engine.model_config.max_model_len - params.max_tokens
+        fits = [len(self.tokenizer.encode(p)) <= limit for p in prompts]
+        outputs = iter(self.llm.generate([p for p, ok in zip(prompts, fits) if ok], params, use_tqdm=False)
+                       if any(fits) else [])
+        too_long = Judgement(None, None, error=f"rubric + prompt + response longer than the judge's context "
+                                               f"({limit} tokens)")
+        return [self._read(next(outputs).outputs[0]) if ok else too_long for ok in fits]
 
     def compare(self, items: Sequence[tuple[str, str, str]]) -> list[Choice | None]:
         """For each (prompt, first, second): "A" when the judge prefers the first response, else "B", by the
