@@ -114,6 +114,20 @@ def test_rules_only_reward_starts_no_judge():
         RuleReward("nope", JudgeConfig())
 
 
+def test_a_judge_reward_that_cannot_work_fails_before_anything_starts(tmp_path, monkeypatch):
+    from rayalign.config import ConfigError, JudgeConfig, RewardConfig
+
+    with pytest.raises(ConfigError, match="judge.rubric: .*rubric file not found"):
+        build_reward(RewardConfig(judge=JudgeConfig(rubric=str(tmp_path / "nope.yaml"))))
+    monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"judge.api_key_env names \$NO_SUCH_JUDGE_KEY, which is not set"):
+        build_reward(RewardConfig(judge=JudgeConfig(backend="openai", url="http://127.0.0.1:1/v1", endpoint_model="m",
+                                                    api_key_env="NO_SUCH_JUDGE_KEY")))
+    # a rules-only reward does not need the judge's rubric at all
+    build_reward(RewardConfig(judge=JudgeConfig(rubric=str(tmp_path / "nope.yaml")),
+                              components=(RewardComponent(name="lex", kind="rule", rule="vegetarian_lexicon"),)))
+
+
 def test_binary_metrics_by_hand():
     m = binary_metrics([1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 1, 0, 0, 0])
     assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 1, 3)

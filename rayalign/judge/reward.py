@@ -7,6 +7,7 @@ score the weighted mean of the component scores, and each component's reward is 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Protocol, Sequence
 
 from rayalign.config import ConfigError, JudgeConfig, RewardComponent, RewardConfig
@@ -93,12 +94,23 @@ def _components(config: RewardConfig) -> tuple[RewardComponent, ...]:
 
 def build_reward(config: RewardConfig) -> CompositeReward:
     """The reward of a config; ``components`` empty means the judge alone. Nothing starts until the first call;
-    a reward model that is missing or not a classifier raises here (ModelNotFoundError / ConfigError)."""
+    a reward model that is missing or not a classifier, the judge's rubric that does not load and its API key
+    variable that is not set raise here (ModelNotFoundError / ConfigError)."""
     from rayalign.judge.reward_model import RewardModelReward
+    from rayalign.judge.rubric import RubricError, load_rubric, rubric_path
 
     judge = JudgeReward(config.judge)
+    components = _components(config)
+    if any(c.kind == "judge" for c in components):  # what would otherwise fail only at the first step's judging
+        try:
+            load_rubric(rubric_path(config.judge.rubric))
+        except RubricError as e:
+            raise ConfigError(f"judge.rubric: {e}") from None
+        key = config.judge.api_key_env
+        if config.judge.backend == "openai" and key and not os.environ.get(key):
+            raise ConfigError(f"judge.api_key_env names ${key}, which is not set")
     parts: list[tuple[str, float, Callable[..., list[Judgement]]]] = []
-    for c in _components(config):
+    for c in components:
         if c.kind == "judge":
             parts.append((c.name, c.weight, judge))
         elif c.kind == "reward_model":
