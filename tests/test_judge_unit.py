@@ -65,6 +65,13 @@ def test_rubric_errors(tmp_path):
     (tmp_path / "r.yaml").write_text("name: x\ninstructions: i\nquestion: q\nexamples: [{prompt: p}]\n")
     with pytest.raises(RubricError, match=r"examples\[0\] needs prompt, response, good and score"):
         load_rubric(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("name: x\ninstructions: i\nquestion: q\n"
+                                      "examples: [{prompt: p, response: r, good: true, score: high}]\n")
+    with pytest.raises(RubricError, match=r"r.yaml: examples\[0\]: good must be true/false and score in \(0, 1\)"):
+        load_rubric(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("name: x\ninstructions: i\nquestion: q\nyes: oui\n")
+    with pytest.raises(RubricError, match="unknown key 'True'.*quote it"):
+        load_rubric(tmp_path / "r.yaml")
 
 
 def test_score_to_reward():

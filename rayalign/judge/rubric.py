@@ -107,9 +107,11 @@ def load_rubric(path: str | Path) -> Rubric:
     if not isinstance(data, dict):
         raise RubricError(f"{path}: expected a mapping")
     known = {"name", "instructions", "question", "examples", "threshold", "yes", "no"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(str, set(data) - known))
     if unknown:
-        raise RubricError(f"{path}: unknown key '{unknown[0]}' (expected one of: {', '.join(sorted(known))})")
+        hint = " (YAML reads an unquoted yes:/no: key as true/false: quote it)" if unknown[0] in ("True", "False") \
+            else ""
+        raise RubricError(f"{path}: unknown key '{unknown[0]}' (expected one of: {', '.join(sorted(known))}){hint}")
     for key in ("name", "instructions", "question"):
         if not isinstance(data.get(key), str) or not data[key].strip():
             raise RubricError(f"{path}: '{key}' must be a non-empty string")
@@ -117,7 +119,9 @@ def load_rubric(path: str | Path) -> Rubric:
     for i, ex in enumerate(data.get("examples") or []):
         if not isinstance(ex, dict) or not {"prompt", "response", "good", "score"} <= set(ex):
             raise RubricError(f"{path}: examples[{i}] needs prompt, response, good and score")
-        if not isinstance(ex["good"], bool) or not 0 < float(ex["score"]) < 1:
+        score = ex["score"]
+        if not isinstance(ex["good"], bool) or isinstance(score, bool) or not isinstance(score, (int, float)) \
+                or not 0 < score < 1:
             raise RubricError(f"{path}: examples[{i}]: good must be true/false and score in (0, 1)")
         examples.append(Example(str(ex["prompt"]), str(ex["response"]), ex["good"], float(ex["score"])))
     threshold = data.get("threshold", 0.5)
