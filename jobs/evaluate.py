@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, models=tuple(model_specs))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from rayalign.data.prompts import DatasetError, load_prompts
+    from transformers import AutoTokenizer
+
+    from rayalign.data.prompts import DatasetError, fit_to_context, load_prompts
     from rayalign.judge.rubric import RubricError, load_rubric, rubric_path
     from rayalign.models import ModelNotFoundError, resolve_model
 
@@ -278,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
         rubric = load_rubric(rubric_path(cfg.judge.rubric))
         base = Candidate("base", "base", cfg.model.name, resolve_model(cfg.model.name))
+        dataset = fit_to_context(dataset, AutoTokenizer.from_pretrained(base.path),
+                                 cfg.engine.max_model_len - cfg.sampling.max_new_tokens)
         candidates = unique_labels([resolve_candidate(s, Path(downloads.name)) for s in cfg.models])
     except (DatasetError, RubricError, ModelNotFoundError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)

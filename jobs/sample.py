@@ -44,12 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.parse_job_config(SampleConfig, argv, description=__doc__ or "")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from rayalign.data.prompts import DatasetError, load_prompts
+    from transformers import AutoTokenizer
+
+    from rayalign.data.prompts import DatasetError, fit_to_context, load_prompts
     from rayalign.models import ModelNotFoundError, resolve_model
 
     try:
         prompts = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
         model_path = resolve_model(cfg.model.name)
+        prompts = fit_to_context(prompts, AutoTokenizer.from_pretrained(model_path),
+                                 cfg.engine.max_model_len - cfg.sampling.max_new_tokens)
     except (DatasetError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
