@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                     stop(step, f"judging left too few samples to train on in {failed_steps} steps in a row "
                                f"(trainer.max_failed_steps)")
                 log.warning("step %d: %d samples kept, too few to train on; no update this step", step, len(keep))
+                if trainer.checkpoint_every and step % trainer.checkpoint_every == 0:
+                    checkpoint(step)  # the step counter and prompt cursor moved on all the same
                 continue
             failed_steps = 0
             rollouts = [rollouts[i] for i in keep]
