@@ -153,9 +153,11 @@ def test_zero3_learner_exports_and_resumes_whole_weights(local_ray, model_path, 
     assert torch.allclose(again[mask], policy[mask], atol=1e-5)
 
 
-def test_zero3_full_finetune_shards_the_frozen_reference(local_ray, model_path, tmp_path):
-    """ZeRO-3 full finetune on 2 ranks: the frozen reference is sharded like the policy, its logprobs are the base
-    model's before and after an update, while the policy's move; the published weights give the policy's."""
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_full_finetune_keeps_the_frozen_reference(local_ray, model_path, tmp_path, zero_stage):
+    """Full finetune on 2 ranks: the frozen reference (sharded like the policy under ZeRO-3, whole otherwise) gives
+    the base model's logprobs before and after an update, while the policy's move; the published weights give the
+    policy's."""
     import ray
     from transformers import AutoModelForCausalLM
 
@@ -164,7 +166,7 @@ def test_zero3_full_finetune_shards_the_frozen_reference(local_ray, model_path, 
     from rayalign.learner.group import Learner
     from rayalign.rollout.weight_sync import WeightStore
 
-    config = LearnerConfig(num_workers=2, zero_stage=3, finetune="full", micro_batch_size=1, lr=1e-4)
+    config = LearnerConfig(num_workers=2, zero_stage=zero_stage, finetune="full", micro_batch_size=1, lr=1e-4)
     algo = AlgorithmConfig(name="grpo", kl_in="loss", minibatch_size=4)
     rollouts = _rollouts(model_path)
     batch = pad_rollouts(rollouts)
@@ -172,16 +174,19 @@ def test_zero3_full_finetune_shards_the_frozen_reference(local_ray, model_path, 
     batch["advantages"] = torch.tensor([[1.0], [-1.0], [0.5]]) * batch["response_mask"]
     plan = minibatch_plan(3, 4, 2, 1, 1, torch.Generator().manual_seed(0))
     learner = Learner(model_path, learner=config, lora=LoraConfig(), algorithm=algo, storage_path=str(tmp_path),
-                      run_name="zero3-full", seed=0)
+                      run_name=f"full-zero{zero_stage}", seed=0)
     try:
         info = learner.setup()
         assert info["trainable_params"] == info["params"]
-        assert 0 < info["reference_params_on_rank"] <= info["params"] // 2 + 1000  # half of every frozen weight
+        if zero_stage == 3:
+            assert 0 < info["reference_params_on_rank"] <= info["params"] // 2 + 1000  # half of every frozen weight
+        else:
+            assert info["reference_params_on_rank"] == info["params"]
         first = learner.forward(ray.put(batch), 3, 1.0)
         stats, _ = learner.train(ray.put(batch), plan, 1.0, 0.05, single_pass=True)
         after = learner.forward(ray.put(batch), 3, 1.0)
-        store = ray.remote(WeightStore).options(name="zero3-full-store").remote()
-        learner.publish("zero3-full-store", 1, "full", "float32")
+        store = ray.remote(WeightStore).options(name=f"full-zero{zero_stage}-store").remote()
+        learner.publish(f"full-zero{zero_stage}-store", 1, "full", "float32")
         published = AutoModelForCausalLM.from_pretrained(model_path)
         published.load_state_dict(read_buckets(ray.get(store.latest.remote())), strict=False)
         ray.get(store.close.remote())

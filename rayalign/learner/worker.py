@@ -133,6 +133,8 @@ class LearnerWorker:
         self.engine, _, _, _ = deepspeed.initialize(model=self.policy, optimizer=optimizer,
                                                     lr_scheduler=scheduler, config=ds_config)
         self.device = self.engine.device
+        if self.reference is not None and not self.zero3:
+            self.reference.to(self.device)  # beside the policy (on GPU; ZeRO-3's engine placed its own)
 
     def _gathered(self, params: list) -> Any:
         """Whole ``params`` inside the block on every rank (ZeRO-3: a collective all ranks must enter)."""
