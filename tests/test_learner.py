@@ -79,6 +79,18 @@ def _hf_logprobs(model, rollouts: list[Rollout]) -> list[torch.Tensor]:
     return out
 
 
+def _two_rank_step(model_path: str):
+    """The three rollouts with fixed advantages, their response mask, and one optimizer step's plan over 2 ranks
+    (micro-batches of 1)."""
+    from rayalign.learner.batch import minibatch_plan, pad_rollouts
+
+    rollouts = _rollouts(model_path)
+    batch = pad_rollouts(rollouts)
+    batch["advantages"] = torch.tensor([[1.0], [-1.0], [0.5]]) * batch["response_mask"]
+    plan = minibatch_plan(3, 4, 2, 1, 1, torch.Generator().manual_seed(0))
+    return rollouts, batch, batch["response_mask"].bool(), plan
+
+
 def test_zero3_learner_exports_and_resumes_whole_weights(local_ray, model_path, tmp_path):
     """ZeRO-3 on 2 ranks (every weight sharded): after a real update, the merged weights and the adapter it
     publishes, the final model it saves and the checkpoint it writes all give the policy's own logprobs."""
@@ -87,18 +99,13 @@ def test_zero3_learner_exports_and_resumes_whole_weights(local_ray, model_path, 
     from transformers import AutoModelForCausalLM
 
     from conftest import read_buckets
-    from rayalign.learner.batch import minibatch_plan, pad_rollouts
     from rayalign.learner.group import Learner
     from rayalign.rollout.weight_sync import WeightStore, write_lora_files
 
     lora = LoraConfig()
     config = LearnerConfig(num_workers=2, zero_stage=3, micro_batch_size=1, lr=1e-3)
     algo = AlgorithmConfig(name="grpo", kl_in="loss", minibatch_size=4)
-    rollouts = _rollouts(model_path)
-    batch = pad_rollouts(rollouts)
-    mask = batch["response_mask"].bool()
-    batch["advantages"] = torch.tensor([[1.0], [-1.0], [0.5]]) * batch["response_mask"]
-    plan = minibatch_plan(3, 4, 2, 1, 1, torch.Generator().manual_seed(0))
+    rollouts, batch, mask, plan = _two_rank_step(model_path)
     store = ray.remote(WeightStore).options(name="zero3-store").remote()
 
     def new_learner(run_name, **kwargs):
@@ -162,17 +169,12 @@ def test_full_finetune_keeps_the_frozen_reference(local_ray, model_path, tmp_pat
     from transformers import AutoModelForCausalLM
 
     from conftest import read_buckets
-    from rayalign.learner.batch import minibatch_plan, pad_rollouts
     from rayalign.learner.group import Learner
     from rayalign.rollout.weight_sync import WeightStore
 
     config = LearnerConfig(num_workers=2, zero_stage=zero_stage, finetune="full", micro_batch_size=1, lr=1e-4)
     algo = AlgorithmConfig(name="grpo", kl_in="loss", minibatch_size=4)
-    rollouts = _rollouts(model_path)
-    batch = pad_rollouts(rollouts)
-    mask = batch["response_mask"].bool()
-    batch["advantages"] = torch.tensor([[1.0], [-1.0], [0.5]]) * batch["response_mask"]
-    plan = minibatch_plan(3, 4, 2, 1, 1, torch.Generator().manual_seed(0))
+    rollouts, batch, mask, plan = _two_rank_step(model_path)
     learner = Learner(model_path, learner=config, lora=LoraConfig(), algorithm=algo, storage_path=str(tmp_path),
                       run_name=f"full-zero{zero_stage}", seed=0)
     try:
