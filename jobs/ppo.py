@@ -39,11 +39,6 @@ from rayalign import config as C  # noqa: E402
 
 log = logging.getLogger("rayalign.ppo")
 
-DEFAULT_REWARD = C.RewardConfig(  # jobs/configs/reward_cpu_default.yaml: the composite chosen by validate_judge.py
-    judge=C.JudgeConfig(mode="score"),
-    components=(C.RewardComponent(name="judge", kind="judge", weight=0.5),
-                C.RewardComponent(name="lexicon", kind="rule", weight=1.0, rule="vegetarian_lexicon")),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +49,7 @@ class PPOJobConfig:
     """Rollout engines."""
     sampling: C.SamplingConfig = C.SamplingConfig(temperature=1.0, max_new_tokens=64)
     """How responses are sampled during training (sampling.n = group size for GRPO/RLOO)."""
-    reward: C.RewardConfig = DEFAULT_REWARD
+    reward: C.RewardConfig = C.CPU_DEFAULT_REWARD
     """The reward: an LLM judge, alone or in a weighted sum with rule functions."""
     algorithm: C.AlgorithmConfig = C.AlgorithmConfig()
     """PPO / GRPO / RLOO settings."""
@@ -93,8 +88,6 @@ class PPOJobConfig:
         if self.learner.finetune == "lora" and self.lora.dropout > 0:
             raise C.ConfigError("lora.dropout: the PPO ratio compares passes over the same weights, which dropout "
                                 "would make differ; expected 0")
-        if self.learner.finetune == "lora" and self.lora.rank > 64:
-            raise C.ConfigError("lora.rank: the rollout engines accept adapters up to rank 64")
 
 
 @contextmanager

@@ -36,10 +36,7 @@ class ValidationData:
 
 @dataclasses.dataclass(frozen=True)
 class ValidateConfig:
-    reward: C.RewardConfig = C.RewardConfig(components=(
-        C.RewardComponent(name="judge", kind="judge", weight=0.5),
-        C.RewardComponent(name="lexicon", kind="rule", weight=1.0, rule="vegetarian_lexicon"),
-    ))
+    reward: C.RewardConfig = C.CPU_DEFAULT_REWARD
     """The reward under validation (default: the CPU default composite, SmolLM2 judge + vegetarian lexicon)."""
     data: ValidationData = ValidationData()
     """Which labelled rows."""

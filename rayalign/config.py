@@ -126,8 +126,7 @@ class EngineConfig:
     num_gpus: float = 0.0
     """Ray GPUs reserved for each engine actor (0 on CPU; tensor_parallel_size on GPU)."""
     enforce_eager: bool = True
-    """Skip torch.compile and CUDA graphs: much faster engine start, slower decode (on CPU: ~40 s vs ~2.5 min to
-    start the 135M model, ~10% fewer tokens/s)."""
+    """Skip torch.compile and CUDA graphs: much faster engine start, somewhat slower decode (README, "Measured")."""
     cpu_threads_bind: str = "split"
     """CPU engines only: cores their OpenMP threads use. "split" gives each engine on this node its own share of
     the cores this process may use; "vllm" keeps vLLM's default (one core, another left to its front end); anything
@@ -152,10 +151,23 @@ class EngineConfig:
         require_at_least("engine.cpu_kvcache_gib", self.cpu_kvcache_gib, 1)
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks vLLM 0.32 accepts as ``max_lora_rank``: an engine serves adapters of any rank up to its slot."""
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that fits an adapter of rank ``rank`` (ValueError above 512)."""
+    for slot in VLLM_LORA_RANKS:
+        if slot >= rank:
+            return slot
+    raise ValueError(f"LoRA rank {rank} is above vLLM's limit {VLLM_LORA_RANKS[-1]}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     rank: int = 16
-    """LoRA rank r."""
+    """LoRA rank r: one of vLLM's LoRA ranks (1, 8, 16, 32, 64, 128, 256, 320, 512), so the rollout engines can
+    load the adapter."""
     alpha: float = 32.0
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
     dropout: float = 0.0
@@ -164,7 +176,9 @@ class LoraConfig:
     """Names of the linear layers that get adapters (Llama-style names by default)."""
 
     def validate(self) -> None:
-        require_at_least("lora.rank", self.rank, 1)
+        if self.rank not in VLLM_LORA_RANKS:
+            raise ConfigError(f"lora.rank: the rollout engines (vLLM) load adapters of rank "
+                              f"{', '.join(map(str, VLLM_LORA_RANKS))}; got {self.rank}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout: expected a float in [0, 1), got {self.dropout}")
         if not self.target_modules:
@@ -183,8 +197,8 @@ class JudgeConfig:
     """A rubric shipped in jobs/rubrics/ (by name) or a path to a rubric YAML file."""
     mode: Literal["score", "logprob"] = "score"
     """"score": the judge writes a number in [0.01, 0.99] (pre-filled "Score:", so the number comes first);
-    "logprob": P(yes) of a yes/no answer. On the shipped validation set the SmolLM2 judge ranks answers at chance in
-    score mode (AUC 0.50) and worse than chance in logprob mode (AUC 0.32), so score is the default."""
+    "logprob": P(yes) of a yes/no answer. Score is the default: on the shipped validation set the SmolLM2 judge
+    ranks answers better in score mode (README, "The judge, validated")."""
     transform: Literal["logit", "identity"] = "logit"
     """Reward = transform(clamp(score)); logit pushes mediocre scores down."""
     clamp: tuple[float, ...] = (0.01, 0.99)
@@ -284,6 +298,15 @@ class RewardConfig:
         names = [c.name for c in self.components]
         if len(set(names)) != len(names):
             raise ConfigError(f"reward.components: names must be unique, got {names}")
+
+
+CPU_DEFAULT_REWARD = RewardConfig(
+    judge=JudgeConfig(mode="score"),
+    components=(RewardComponent(name="judge", kind="judge", weight=0.5),
+                RewardComponent(name="lexicon", kind="rule", weight=1.0, rule="vegetarian_lexicon")),
+)
+"""The CPU default reward (jobs/configs/reward_cpu_default.yaml): the SmolLM2 judge plus the vegetarian lexicon,
+the composite chosen with jobs/validate_judge.py."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
 from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
@@ -134,6 +135,14 @@ class RolloutGroup:
         import ray
 
         return ray.get(self.store.publish.remote(published))
+
+    def load_adapter(self, adapter_dir: str | Path) -> SyncReport:
+        """Serve the peft LoRA adapter in ``adapter_dir`` on every engine (published as the next version, then
+        synced): how evaluation and serving apply a trained adapter, exactly as training does."""
+        from rayalign.rollout.weight_sync import lora_payload
+
+        self.publish(lora_payload(self.next_version(), adapter_dir))
+        return self.sync()
 
     def next_version(self) -> int:
         import ray
