@@ -50,7 +50,7 @@ def bench_rayalign(model_path: str, args) -> dict[int, float]:
     from rayalign.rollout.group import RolloutGroup
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
-    group = RolloutGroup(model_path, ModelConfig(dtype=args.dtype), EngineConfig(num_engines=1), transport="none")
+    group = RolloutGroup(model_path, ModelConfig(dtype=args.dtype), EngineConfig(num_engines=1))
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.tokens, ignore_eos=True, seed=0)
     try:
         return {b: best_rate(lambda p: sum(len(r.response_token_ids) for r in group.generate(p, sampling)),

@@ -43,9 +43,10 @@ def main() -> None:
 
     from rayalign.config import EngineConfig, LoraConfig, ModelConfig, SamplingConfig
     from rayalign.models import resolve_model
-    from rayalign.rollout.broadcast import ProcessSender
+    from rayalign.weights.broadcast import ProcessSender
     from rayalign.rollout.group import RolloutGroup
-    from rayalign.rollout.weight_sync import full_payload, lora_payload
+    from rayalign.weights import SyncPlan
+    from rayalign.weights.store import adapter_payload, full_payload
 
     model_path = resolve_model(args.model)
     dtype = getattr(torch, args.dtype)
@@ -55,7 +56,7 @@ def main() -> None:
 
     # LoRA ------------------------------------------------------------------------------------------------------
     lora = LoraConfig()
-    group = RolloutGroup(model_path, ModelConfig(dtype=args.dtype), EngineConfig(), transport="lora",
+    group = RolloutGroup(model_path, ModelConfig(dtype=args.dtype), EngineConfig(), sync_plan=SyncPlan("adapter"),
                          max_lora_rank=lora.rank)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
                            PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
@@ -71,7 +72,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model.save_pretrained(tmp / f"v{version}")
         t1 = time.perf_counter()
-        published = lora_payload(version, tmp / f"v{version}")
+        published = adapter_payload(version, tmp / f"v{version}")
         group.publish(published)
         report = group.sync()
         t2 = time.perf_counter()
@@ -88,7 +89,7 @@ def main() -> None:
     del model
 
     # Full weights ----------------------------------------------------------------------------------------------
-    group = RolloutGroup(model_path, ModelConfig(dtype=args.dtype), EngineConfig(), transport="full")
+    group = RolloutGroup(model_path, ModelConfig(dtype=args.dtype), EngineConfig(), sync_plan=SyncPlan("full"))
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     params = [(n, p.detach()) for n, p in model.named_parameters()]
     nbytes = sum(p.numel() * p.element_size() for _, p in params)

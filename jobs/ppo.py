@@ -128,14 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.learner.batch import minibatch_plan, pad_rollouts
     from rayalign.learner.group import Learner
     from rayalign.resources import check_resources, init_ray
-    from rayalign.rollout.group import RolloutGroup, SyncReport
+    from rayalign.rollout.group import RolloutGroup
     from rayalign.tracking import Tracker
+    from rayalign.weights import SyncPlan
 
     algo, trainer = cfg.algorithm, cfg.trainer
-    # what the learner publishes, and how the engines start: LoRA as an adapter, or folded into full weights
-    publish_as = {"full": "full", "lora": "lora" if cfg.learner.lora_sync == "adapter" else "merged"}[
-        cfg.learner.finetune]
-    transport = "lora" if publish_as == "lora" else "full"
+    sync_plan = SyncPlan.for_learner(cfg.learner)  # what the learner sends the engines after each update, and how
     address = init_ray(cfg.ray)
     reward_needs = resource_needs(cfg.reward)
     try:
@@ -166,20 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"the learner restored no driver state from {resume_from}")
     kl_ctl = (AdaptiveKLController(state["kl_coef"], algo.kl_target, algo.kl_horizon) if algo.kl_target
               else FixedKLController(state["kl_coef"]))
-    engines = RolloutGroup(model_path, cfg.model, cfg.engine, transport=transport, max_lora_rank=cfg.lora.rank)
-    sender = learner.weight_sender(cfg.model.dtype) if (
-        transport == "full" and cfg.learner.full_sync == "broadcast") else None
-
-    def sync_engines(version: int) -> tuple[int, SyncReport]:
-        """Send the learner's weights to every engine as ``version``: (bytes sent, `SyncReport`)."""
-        if sender is not None:
-            report = engines.push(version, sender)
-            return report.sent_bytes, report
-        published = learner.publish(engines.store_name, version, publish_as, cfg.model.dtype)
-        return published.get("bytes", 0), engines.sync()
-
+    engines = RolloutGroup(model_path, cfg.model, cfg.engine, sync_plan=sync_plan, max_lora_rank=cfg.lora.rank)
     if state["version"] > 0:  # a resumed policy: the engines start from the checkpoint's weights
-        sync_engines(state["version"])
+        engines.update(state["version"], learner)
 
     tracker = Tracker(cfg.tracking.experiment, run_name=cfg.tracking.run_name or run_name, config=cfg,
                       run_id=None if fork else state["mlflow_run_id"],  # a fork is a new MLflow run
@@ -218,6 +205,17 @@ def main(argv: list[str] | None = None) -> int:
             sampling = dataclasses.replace(cfg.sampling, seed=trainer.seed * 100_003 + step)
             with timed(times, "generate"):
                 rollouts = engines.generate(prompts, sampling)
+            # The old-policy pass (logprobs, reference, values) does not depend on the scores: it runs on the
+            # learner while the judge scores. It is skipped when the step makes a single optimizer step and the
+            # advantages read no logprobs (GRPO/RLOO with the KL in the loss): the old policy is then the current
+            # one, and the learner computes the reference logprobs inside the training step (as TRL does with one
+            # iteration). Judging drops rows, never adds them, so this holds for the rows that remain too.
+            batch = pad_rollouts(rollouts)
+            single_pass = (algo.epochs == 1 and len(rollouts) <= algo.minibatch_size
+                           and not rl.needs_logprobs(algo))
+            t_old = time.perf_counter()
+            old_pass = None if single_pass else learner.forward_async(ray.put(batch), len(rollouts),
+                                                                      cfg.sampling.temperature)
             with timed(times, "judge"):
                 try:
                     judgements = reward_fn([r.prompt for r in rollouts], [r.response for r in rollouts])
@@ -236,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("step %d: %d of %d judgements failed, e.g. %s", step, failed, len(judgements),
                             next(j.error for j in judgements if not j.ok))
             if len(keep) < max(group, 1) or len(keep) < cfg.learner.num_workers:
+                if old_pass is not None:
+                    old_pass.result()  # the learner finishes it before it takes the next command
                 tracker.log_metrics(metrics, step=step)
                 failed_steps += 1
                 if failed_steps >= trainer.max_failed_steps:
@@ -249,22 +249,21 @@ def main(argv: list[str] | None = None) -> int:
             rollouts = [rollouts[i] for i in keep]
             judgements = [judgements[i] for i in keep]
             scores = torch.tensor([j.reward for j in judgements], dtype=torch.float32)
-
-            batch = pad_rollouts(rollouts)
+            rows = torch.tensor(keep)
+            batch = {k: v[rows] for k, v in batch.items()}
             mask = batch["response_mask"]
             plan = minibatch_plan(len(rollouts), algo.minibatch_size, cfg.learner.num_workers,
                                   cfg.learner.micro_batch_size, algo.epochs,
                                   torch.Generator().manual_seed(trainer.seed * 100_003 + step))
-            # One optimizer step on these samples, and advantages that read no logprobs (GRPO/RLOO with the KL
-            # in the loss): the old policy is the current one, so the separate no-grad pass is skipped and the
-            # learner computes the reference logprobs inside the training step (as TRL does with one iteration).
-            single_pass = len(plan) == 1 and not rl.needs_logprobs(algo)
-            if single_pass:
+            if old_pass is None:
                 times["time/logprobs"] = 0.0
                 adv = rl.advantages(algo, scores, mask, None, None, None, kl_ctl.value, group)
             else:
-                with timed(times, "logprobs"):
-                    old = learner.forward(ray.put(batch), len(rollouts), cfg.sampling.temperature)
+                t_wait = time.perf_counter()
+                old = {k: None if v is None else v[rows] for k, v in old_pass.result().items()}
+                # what the step waited for it beyond the judge (the pass itself began with the judge)
+                times["time/logprobs"] = time.perf_counter() - t_wait
+                times["time/logprobs_total"] = time.perf_counter() - t_old
                 adv = rl.advantages(algo, scores, mask, old["logprobs"], old["ref_logprobs"], old["values"],
                                     kl_ctl.value, group)
                 batch.update(logprobs=old["logprobs"], ref_logprobs=old["ref_logprobs"])
@@ -273,12 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             batch["advantages"] = adv["advantages"]
             with timed(times, "train"):
                 stats, seen = learner.train(ray.put(batch), plan, cfg.sampling.temperature, kl_ctl.value,
-                                            single_pass=single_pass)
-            if single_pass:
+                                            single_pass=old_pass is None)
+            if old_pass is None:
                 old = seen  # the logprobs (policy and reference) the training pass itself computed
             with timed(times, "sync"):
                 state["version"] += 1
-                sent_bytes, synced = sync_engines(state["version"])
+                synced = engines.update(state["version"], learner)
 
             kl = rl.sequence_kl(rl.token_kl(algo, old["logprobs"], old["ref_logprobs"], mask), mask)
             # >= 0, for the charts
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kl": kl, "kl/k3": kl_k3, "kl_coef": kl_used, "response_length/mean": statistics.fmean(lengths),
                 "tokens_per_second": sum(lengths) / times["time/generate"],
                 "rollout/logprob_diff": rl.token_mean((old["logprobs"] - batch["engine_logprobs"]).abs(), mask),
-                "sync/bytes": sent_bytes, "sync/copied_bytes": sum(synced.copied_bytes),
+                "sync/bytes": synced.sent_bytes, "sync/copied_bytes": sum(synced.copied_bytes),
                 "policy_version": state["version"], **times,
                 **{f"train/{k}": v for k, v in stats.items()},
             })

@@ -201,6 +201,8 @@ def test_shipped_ppo_configs_load_and_the_default_matches():
         (["algorithm.kl_in=loss", "algorithm.kl_estimator=k1"], "k1 in the loss has a zero expected gradient"),
         (["algorithm.name=grpo", "sampling.n=2", "algorithm.kl_in=reward"], "use kl_in=loss (grpo's default)"),
         (["lora.dropout=0.1"], "lora.dropout: the PPO ratio compares passes over the same weights"),
+        (["lora.rank=12"], "lora.rank: the rollout engines (vLLM) load adapters of rank 1, 8, 16"),
+        (["lora.rank=1024"], "lora.rank: the rollout engines (vLLM) load adapters of rank"),
         (["sampling.max_new_tokens=1024"], "leaves no room for the prompt in engine.max_model_len (1024)"),
     ],
 )

@@ -100,7 +100,7 @@ def test_zero3_learner_exports_and_resumes_whole_weights(local_ray, model_path, 
 
     from conftest import read_buckets
     from rayalign.learner.group import Learner
-    from rayalign.rollout.weight_sync import WeightStore, write_lora_files
+    from rayalign.weights.store import WeightStore, write_adapter_files
 
     lora = LoraConfig()
     config = LearnerConfig(num_workers=2, zero_stage=3, micro_batch_size=1, lr=1e-3)
@@ -128,14 +128,14 @@ def test_zero3_learner_exports_and_resumes_whole_weights(local_ray, model_path, 
         policy = learner.forward(ray.put(batch), 3, 1.0)["logprobs"]
         assert (policy - first["logprobs"])[mask].abs().max() > 1e-3  # the update moved the policy
 
-        learner.publish("zero3-store", 1, "merged", "float32")
+        learner.publish("zero3-store", 1, "full", "float32")
         merged = AutoModelForCausalLM.from_pretrained(model_path)
         weights = read_buckets(ray.get(store.latest.remote()))
         assert set(weights) == set(dict(merged.named_parameters()))  # the tied lm_head once, as the embedding
         merged.load_state_dict(weights, strict=False)
         assert merged.lm_head.weight is merged.model.embed_tokens.weight
-        learner.publish("zero3-store", 2, "lora", "float32")
-        adapter = write_lora_files(ray.get(store.latest.remote()), tmp_path / "published")
+        learner.publish("zero3-store", 2, "adapter", "float32")
+        adapter = write_adapter_files(ray.get(store.latest.remote()), tmp_path / "published")
         learner.checkpoint(1, {"step": 1})
         saved = learner.save(str(tmp_path / "final"), model_path)
     finally:
@@ -170,7 +170,7 @@ def test_full_finetune_keeps_the_frozen_reference(local_ray, model_path, tmp_pat
 
     from conftest import read_buckets
     from rayalign.learner.group import Learner
-    from rayalign.rollout.weight_sync import WeightStore
+    from rayalign.weights.store import WeightStore
 
     config = LearnerConfig(num_workers=2, zero_stage=zero_stage, finetune="full", micro_batch_size=1, lr=1e-4)
     algo = AlgorithmConfig(name="grpo", kl_in="loss", minibatch_size=4)

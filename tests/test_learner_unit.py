@@ -161,14 +161,14 @@ def test_resolve_run(tmp_path):
 def test_exported_weights_equal_peft_merge_and_unload():
     """What the learner publishes under lora_sync=merged (and saves as the merged model): HF names in the HF
     state dict's order, base + scale * B @ A, the model untouched."""
-    import contextlib
     import copy
     import types
 
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rayalign.learner.worker import LearnerWorker
+    from rayalign.learner.export import export_weights
+    from rayalign.learner.model import TrainedModel
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -177,11 +177,10 @@ def test_exported_weights_equal_peft_merge_and_unload():
                                          init_lora_weights=False))
     expected = copy.deepcopy(lm).merge_and_unload().state_dict()
     def worker(model, finetune):
-        return types.SimpleNamespace(policy=types.SimpleNamespace(lm=model), zero3=False,
-                                     learner=types.SimpleNamespace(finetune=finetune),
-                                     _gathered=lambda params: contextlib.nullcontext())
+        return TrainedModel(policy=types.SimpleNamespace(lm=model), engine=None, reference=None, zero3=False,
+                            finetune=finetune)
 
-    merged = dict(LearnerWorker._export_weights(worker(lm, "lora")))
+    merged = dict(export_weights(worker(lm, "lora")))
     assert list(merged) == list(expected)
     for name, tensor in expected.items():
         assert torch.allclose(merged[name], tensor, atol=1e-6), name
@@ -189,11 +188,11 @@ def test_exported_weights_equal_peft_merge_and_unload():
                               lm.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)
     # full fine-tuning: the model's own state dict, in its order
     full = LlamaForCausalLM(base.config)
-    exported = list(LearnerWorker._export_weights(worker(full, "full")))
+    exported = list(export_weights(worker(full, "full")))
     assert [(n, t.data_ptr()) for n, t in exported] == [(n, t.data_ptr()) for n, t in full.state_dict().items()]
     # tied input and output embeddings (as in SmolLM2) go once, under the input's name
     tied = LlamaForCausalLM(LlamaConfig(**{**base.config.to_dict(), "tie_word_embeddings": True}))
-    names = [n for n, _ in LearnerWorker._export_weights(worker(tied, "full"))]
+    names = [n for n, _ in export_weights(worker(tied, "full"))]
     assert names == [n for n in tied.state_dict() if n != "lm_head.weight"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
+from rayalign.weights import SyncPlan
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +23,8 @@ FP32 = ModelConfig(dtype="float32")
 def full_group(local_ray, model_path):
     from rayalign.rollout.group import RolloutGroup
 
-    group = RolloutGroup(model_path, FP32, EngineConfig(num_engines=2, max_model_len=512), transport="full",
-                         name="full")
+    group = RolloutGroup(model_path, FP32, EngineConfig(num_engines=2, max_model_len=512),
+                         sync_plan=SyncPlan("full"), name="full")
     yield group
     group.shutdown()
 
@@ -32,8 +33,8 @@ def full_group(local_ray, model_path):
 def lora_group(local_ray, model_path):
     from rayalign.rollout.group import RolloutGroup
 
-    group = RolloutGroup(model_path, FP32, EngineConfig(num_engines=1, max_model_len=512), transport="lora",
-                         max_lora_rank=8, name="lora")
+    group = RolloutGroup(model_path, FP32, EngineConfig(num_engines=1, max_model_len=512),
+                         sync_plan=SyncPlan("adapter"), max_lora_rank=8, name="lora")
     yield group
     group.shutdown()
 
@@ -76,7 +77,7 @@ def test_generate_spreads_over_engines_and_tags_versions(full_group):
 
 
 def test_full_weight_sync_changes_outputs_and_matches_hf(full_group, model_path):
-    from rayalign.rollout.weight_sync import full_payload
+    from rayalign.weights.store import full_payload
 
     before = full_group.generate(PROMPTS, GREEDY)
     model = perturbed_model(model_path)
@@ -97,7 +98,7 @@ def test_lora_sync_changes_outputs_and_matches_hf(lora_group, model_path, tmp_pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rayalign.rollout.weight_sync import lora_payload
+    from rayalign.weights.store import adapter_payload
 
     before = lora_group.generate(PROMPTS, GREEDY)
     assert all(r.policy_version == 0 for r in before)
@@ -116,7 +117,7 @@ def test_lora_sync_changes_outputs_and_matches_hf(lora_group, model_path, tmp_pa
                     p.mul_(1.5)
         peft_model.save_pretrained(tmp_path / f"v{step}")
         version = lora_group.next_version()
-        lora_group.publish(lora_payload(version, tmp_path / f"v{step}"))
+        lora_group.publish(adapter_payload(version, tmp_path / f"v{step}"))
         assert lora_group.sync().version == version
         after = lora_group.generate(PROMPTS, GREEDY)
         assert all(r.policy_version == version for r in after)
@@ -154,7 +155,7 @@ def test_killed_engine_restarts_on_the_latest_version(full_group, local_ray):
 def test_broadcast_push_matches_hf_and_reaches_a_restarted_engine(full_group, model_path, local_ray):
     ray = local_ray
     before = full_group.generate(PROMPTS, GREEDY)
-    from rayalign.rollout.broadcast import ProcessSender
+    from rayalign.weights.broadcast import ProcessSender
 
     model = perturbed_model(model_path, seed=1)
     sender = ProcessSender(model.named_parameters, bucket_bytes=64 * 1024**2)  # this process sends, over gloo

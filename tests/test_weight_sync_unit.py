@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import read_buckets
-from rayalign.rollout.weight_sync import Published, WeightStore, full_payload, lora_payload, write_lora_files
+from rayalign.weights.store import Published, WeightStore, adapter_payload, full_payload, write_adapter_files
 
 
 def test_buckets_round_trip_in_few_calls():
@@ -23,27 +23,27 @@ def test_buckets_round_trip_in_few_calls():
     finally:
         store = WeightStore()  # the store owns the files from here on: a newer version removes them
         store.publish(published)
-        store.publish(Published(version=2, kind="lora", lora_files={"a": b"x"}))
+        store.publish(Published(version=2, format="adapter", adapter_files={"a": b"x"}))
         assert not any(os.path.exists(b.path) for b in published.buckets)
 
 
 def test_store_versions_only_move_forward():
     store = WeightStore()
-    assert store.latest().version == 0 and store.latest().kind == "base"
-    store.publish(Published(version=1, kind="lora", lora_files={"adapter_config.json": b"{}"}))
+    assert store.latest().version == 0 and store.latest().format == "base"
+    store.publish(Published(version=1, format="adapter", adapter_files={"adapter_config.json": b"{}"}))
     with pytest.raises(ValueError, match="not newer"):
-        store.publish(Published(version=1, kind="lora", lora_files={}))
+        store.publish(Published(version=1, format="adapter", adapter_files={}))
     assert store.latest_version() == 1
 
 
-def test_lora_payload(tmp_path):
+def test_adapter_payload(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a peft adapter directory"):
-        lora_payload(1, tmp_path)
+        adapter_payload(1, tmp_path)
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"123")
-    published = lora_payload(3, tmp_path)
+    published = adapter_payload(3, tmp_path)
     assert published.nbytes == 5
-    out = write_lora_files(published, tmp_path / "engine")
+    out = write_adapter_files(published, tmp_path / "engine")
     assert (out / "adapter_model.safetensors").read_bytes() == b"123" and out.name == "v3"
 
 
@@ -59,7 +59,7 @@ def test_sweep_removes_only_files_whose_writer_is_gone(tmp_path):
     import subprocess
     import sys
 
-    from rayalign.rollout.weight_sync import _pid_namespace, shm_file, sweep_stale_files
+    from rayalign.weights.shm import _pid_namespace, shm_file, sweep_stale_files
 
     ns = _pid_namespace()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -83,7 +83,7 @@ def test_broadcast_round_trip_and_an_aborted_version():
     midway makes the receiver raise instead of waiting."""
     import threading
 
-    from rayalign.rollout import broadcast
+    from rayalign.weights import broadcast
 
     tensors = [(f"layer{i}.weight", torch.randn(64, 33)) for i in range(5)] + [("bf", torch.randn(7).bfloat16())]
     store = broadcast.serve_store()

@@ -24,9 +24,11 @@ def main(model_path: str, result: str) -> None:
     from ray.cluster_utils import Cluster
 
     from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
-    from rayalign.rollout.broadcast import ProcessSender
+    from rayalign.weights.broadcast import ProcessSender
     from rayalign.rollout.group import RolloutGroup
-    from rayalign.rollout.weight_sync import SHM_DIR, full_payload
+    from rayalign.weights.shm import SHM_DIR
+    from rayalign.weights import SyncPlan
+    from rayalign.weights.store import full_payload
     from test_rollout import hf_greedy, perturbed_model
 
     # object stores large enough for two 113 MB buckets in flight: a test cluster's default is 150 MB, and past it
@@ -38,7 +40,7 @@ def main(model_path: str, result: str) -> None:
     group = None
     try:
         group = RolloutGroup(model_path, ModelConfig(dtype="float32"), EngineConfig(num_engines=1, max_model_len=512),
-                             transport="full", name="two-node")
+                             sync_plan=SyncPlan("full"), name="two-node")
         here = ray.get_runtime_context().get_node_id()
         engine_node = group.infos()[0]["node_id"]
         assert engine_node != here, "the engine should run on the second node"

@@ -2,9 +2,10 @@
 
 Ray Train owns what it is good at (placing the workers, the torch process group, persisting and restoring
 checkpoints in ``storage_path``); the job's driver owns the RL loop. The two meet in `LearnerHub`, a small async
-actor: the driver posts a command (``forward``, ``train``, ``publish``, ``checkpoint``, ``save``), every worker
-runs it and posts its reply, and `Learner` methods return once all ranks have answered. Large tensors travel
-through the object store (``ray.put`` once per step), never through the hub.
+actor: the driver posts a command (``forward``, ``train``, ``publish``, ``broadcast``, ``checkpoint``, ``save``),
+every worker runs it and posts its reply, and `Learner` methods return once all ranks have answered (or, from
+``forward_async``, a `PendingCommand` to wait on later). Large tensors travel through the object store
+(``ray.put`` once per step), never through the hub.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from rayalign.config import AlgorithmConfig, LearnerConfig, LoraConfig
 
@@ -77,12 +78,13 @@ class Learner:
     """``learner.num_workers`` DeepSpeed ranks under one Ray Train run named ``run_name`` in ``storage_path``.
 
     ``resume_from``: a checkpoint directory (or URI) the workers restore before anything else; `setup` then returns
-    the driver state saved with it.
+    the driver state saved with it. ``objective``: the name of what the workers minimise
+    (`rayalign.learner.objectives.OBJECTIVES`; default: the algorithm's name).
     """
 
     def __init__(self, model_path: str, *, learner: LearnerConfig, lora: LoraConfig, algorithm: AlgorithmConfig,
                  storage_path: str, run_name: str, seed: int, resume_from: str | None = None,
-                 command_timeout_s: float = 3600.0):
+                 objective: str | None = None, command_timeout_s: float = 3600.0):
         import ray
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -97,7 +99,8 @@ class Learner:
         if use_gpu:
             resources["GPU"] = learner.num_gpus_per_worker
         spec = {"model_path": model_path, "learner": learner, "lora": lora, "algorithm": algorithm, "seed": seed,
-                "hub_name": hub_name, "namespace": namespace, "resume_from": resume_from}
+                "objective": objective or algorithm.name, "hub_name": hub_name, "namespace": namespace,
+                "resume_from": resume_from}
         trainer = TorchTrainer(
             train_loop_per_worker=_train_loop,
             train_loop_config=spec,
@@ -109,17 +112,17 @@ class Learner:
         # fit() blocks until the workers return, so it runs as a task while the driver sends commands
         self.fit_ref = ray.remote(_fit).options(num_cpus=0).remote(trainer)
 
-    def _call(self, name: str, per_rank_kwargs: list[dict[str, Any]] | None = None, **kwargs: Any) -> list[Any]:
+    def _submit(self, name: str, per_rank_kwargs: list[dict[str, Any]] | None = None,
+                **kwargs: Any) -> "PendingCommand":
+        """Post a command to every rank and return at once; `PendingCommand.result` waits for the replies."""
         import ray
 
         per_rank = per_rank_kwargs or [kwargs] * self.world_size
         command_id = ray.get(self.hub.post.remote(name, per_rank))
-        wait = self.hub.wait.remote(command_id, self.timeout_s)
-        ready, _ = ray.wait([wait, self.fit_ref], num_returns=1)
-        if ready[0] == self.fit_ref and not ray.wait([wait], timeout=1.0)[0]:
-            ray.get(self.fit_ref)  # raises the trainer's own error
-            raise LearnerError(f"the Ray Train run ended before answering '{name}'")
-        return ray.get(wait)
+        return PendingCommand(self, name, self.hub.wait.remote(command_id, self.timeout_s))
+
+    def _call(self, name: str, per_rank_kwargs: list[dict[str, Any]] | None = None, **kwargs: Any) -> list[Any]:
+        return self._submit(name, per_rank_kwargs, **kwargs).result()
 
     def setup(self) -> dict[str, Any]:
         """Wait for the workers to build their engines (and restore the run's checkpoint, if any).
@@ -130,13 +133,18 @@ class Learner:
 
     def forward(self, batch_ref: Any, num_rows: int, temperature: float) -> dict[str, Any]:
         """Old logprobs, reference logprobs and values for every row, computed by all ranks in parallel."""
+        return self.forward_async(batch_ref, num_rows, temperature).result()
+
+    def forward_async(self, batch_ref: Any, num_rows: int, temperature: float) -> "PendingCommand":
+        """`forward`, started: the driver does other work (judging) meanwhile, then takes ``.result()``."""
         shards = [list(range(num_rows))[r::self.world_size] for r in range(self.world_size)]
         # every rank runs as many forward passes (padding rows, -1, fill the short shards): under ZeRO-3 each
         # forward gathers the weights from all ranks, so a rank with one micro-batch fewer would hang the others
         padded = [rows + [-1] * (len(shards[0]) - len(rows)) for rows in shards]
-        replies = self._call("forward", [{"batch_ref": batch_ref, "rows": rows, "temperature": temperature}
-                                         for rows in padded])
-        return _in_row_order(replies, shards, ("logprobs", "ref_logprobs", "values"))
+        pending = self._submit("forward", [{"batch_ref": batch_ref, "rows": rows, "temperature": temperature}
+                                           for rows in padded])
+        return dataclasses.replace(
+            pending, gather=lambda replies: _in_row_order(replies, shards, ("logprobs", "ref_logprobs", "values")))
 
     def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float,
               single_pass: bool = False) -> tuple[dict[str, float], dict[str, Any] | None]:
@@ -157,12 +165,15 @@ class Learner:
             stats["grad_norm"] = replies[0]["grad_norm"]
         return stats, seen
 
-    def publish(self, store_name: str | None, version: int, transport: str, dtype: str) -> dict[str, Any]:
+    def publish(self, store_name: str, version: int, format: str, dtype: str) -> dict[str, Any]:
+        """Publish the policy as ``version`` to the `WeightStore` named ``store_name`` (in this job's namespace):
+        ``format`` "adapter" or "full" (`rayalign.weights.SyncPlan`), in the engines' ``dtype``. Returns rank 0's
+        ``seconds`` and ``bytes``."""
         import ray
 
         namespace = ray.get_runtime_context().namespace
         return self._call("publish", store_name=store_name, namespace=namespace, version=version,
-                          transport=transport, dtype=dtype)[0]
+                          format=format, dtype=dtype)[0]
 
     def weight_sender(self, dtype: str) -> "BroadcastSender":
         """This learner as the sender of a broadcast weight group (see `RolloutGroup.push`), sending in ``dtype``."""
@@ -189,7 +200,7 @@ class Learner:
 
 @dataclasses.dataclass
 class BroadcastSender:
-    """The learner's rank 0 as rank 0 of a broadcast weight group (`rayalign.rollout.group.WeightSender`)."""
+    """The learner's rank 0 as rank 0 of a broadcast weight group (a `rayalign.weights.WeightSender`)."""
 
     learner: Learner
     dtype: str
@@ -201,10 +212,31 @@ class BroadcastSender:
         self.learner._call("join_weight_group", host=host, port=port, world_size=world_size, backend=backend)
 
     def send(self, version: int) -> int:
-        reply = self.learner.publish(None, version, "broadcast", self.dtype)
+        reply = self.learner._call("broadcast", version=version, dtype=self.dtype)[0]
         if "error" in reply:
             raise RuntimeError(f"learner rank 0 could not broadcast v{version}: {reply['error']}")
         return reply["bytes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingCommand:
+    """A command every learner rank is running; `result` waits for all replies (or the run's failure)."""
+
+    learner: Learner
+    name: str
+    wait_ref: Any
+    gather: Callable[[list[Any]], Any] | None = None
+    """Turns the ranks' replies into the result (None: the list of replies, in rank order)."""
+
+    def result(self) -> Any:
+        import ray
+
+        ready, _ = ray.wait([self.wait_ref, self.learner.fit_ref], num_returns=1)
+        if ready[0] == self.learner.fit_ref and not ray.wait([self.wait_ref], timeout=1.0)[0]:
+            ray.get(self.learner.fit_ref)  # raises the trainer's own error
+            raise LearnerError(f"the Ray Train run ended before answering '{self.name}'")
+        replies = ray.get(self.wait_ref)
+        return replies if self.gather is None else self.gather(replies)
 
 
 def _in_row_order(replies: list[dict[str, Any]], rows_per_rank: list[list[int]],
@@ -230,6 +262,6 @@ def _in_row_order(replies: list[dict[str, Any]], rows_per_rank: list[list[int]],
 
 
 def _train_loop(spec: dict[str, Any]) -> None:
-    from rayalign.learner.worker import train_loop
+    from rayalign.learner.loop import train_loop
 
     train_loop(spec)

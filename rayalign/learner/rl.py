@@ -14,6 +14,10 @@ from rayalign.algorithms.kl import kl_estimate, kl_shaped_rewards
 from rayalign.config import AlgorithmConfig
 
 
+GROUP_BASELINES = {"grpo": grpo_advantages, "rloo": rloo_advantages}
+"""Sequence-level advantage estimators by algorithm name: (scores (B,), group size) -> (B,)."""
+
+
 def needs_logprobs(algo: AlgorithmConfig) -> bool:
     """Whether `advantages` reads the old-policy and reference logprobs (PPO always: values and KL-shaped
     rewards; GRPO / RLOO only with the KL in the reward)."""
@@ -51,13 +55,9 @@ def advantages(algo: AlgorithmConfig, scores: torch.Tensor, mask: torch.Tensor, 
     shaped = scores
     if not algo.kl_in_loss:
         shaped = scores - reward_kl_coef * token_kl(algo, logprobs, ref_logprobs, mask).sum(dim=1)
-    if algo.name == "grpo":
-        seq = grpo_advantages(shaped, group_size)
-    elif algo.name == "rloo":
-        seq = rloo_advantages(shaped, group_size)
-    else:
+    if algo.name not in GROUP_BASELINES:
         raise ValueError(f"unknown algorithm {algo.name!r}")
-    return {"advantages": seq[:, None] * mask}
+    return {"advantages": GROUP_BASELINES[algo.name](shaped, group_size)[:, None] * mask}
 
 
 def sequence_kl(kl: torch.Tensor, mask: torch.Tensor) -> float:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
-from rayalign.rollout.weight_sync import (Published, current_node, local_buckets, remove_files, sweep_stale_files,
-                                          write_lora_files)
+from rayalign.weights.shm import current_node, local_buckets, remove_files, sweep_stale_files
+from rayalign.weights.store import Published, write_adapter_files
 from rayalign.types import Rollout
 
 
@@ -55,7 +55,7 @@ class VLLMEngine:
             # Logprobs of the distribution actually sampled from (after temperature), which is what the
             # learner's importance ratios need.
             logprobs_mode="processed_logprobs",
-            worker_extension_cls="rayalign.rollout.weight_sync.WorkerExtension",
+            worker_extension_cls="rayalign.weights.extension.WorkerExtension",
         )
         if enable_lora:
             kwargs.update(max_lora_rank=max_lora_rank, max_loras=1)
@@ -89,15 +89,15 @@ class VLLMEngine:
             return self._report(t0, applied=False)
         published: Published = ray.get(self._store.latest.remote())
         copied = 0
-        if published.kind == "broadcast":  # nothing to pull: the group pushes it again (`RolloutGroup.push`)
+        if published.route == "broadcast":  # nothing to pull: the group pushes it again (`RolloutGroup.push`)
             self.policy_version = -1  # no version at all meanwhile: generate and chat refuse
             return self._report(t0, applied=False)
-        if published.kind == "lora":
-            self._apply_lora(published)
-        elif published.kind == "full":
+        if published.format == "adapter":
+            self._apply_adapter(published)
+        elif published.format == "full":
             copied = self._apply_full(published)
         else:
-            raise ValueError(f"cannot apply a published version of kind {published.kind!r}")
+            raise ValueError(f"cannot apply a published version of format {published.format!r}")
         self.policy_version = published.version
         return self._report(t0, applied=True, copied_bytes=copied)
 
@@ -107,12 +107,12 @@ class VLLMEngine:
         return {"version": self.policy_version, "applied": applied, "seconds": time.perf_counter() - t0,
                 "copied_bytes": copied_bytes}
 
-    def _apply_lora(self, published: Published) -> None:
+    def _apply_adapter(self, published: Published) -> None:
         from vllm.lora.request import LoRARequest
 
         if not self.llm.llm_engine.vllm_config.lora_config:
-            raise RuntimeError("a LoRA version was published but this engine was started without enable_lora")
-        path = write_lora_files(published, self._lora_root)
+            raise RuntimeError("an adapter version was published but this engine was started without enable_lora")
+        path = write_adapter_files(published, self._lora_root)
         request = LoRARequest(f"policy-v{published.version}", published.version, str(path))
         self.llm.llm_engine.add_lora(request)
         old, self._lora_request = self._lora_request, request
@@ -124,9 +124,7 @@ class VLLMEngine:
         """Load a full-weights version; returns the bytes copied from another node first (0 on the writer's)."""
         readable, copies = local_buckets(published.buckets)
         try:
-            buckets = [[b.path, b.nbytes, [[e.name, e.dtype, list(e.shape), e.offset, e.nbytes] for e in b.entries]]
-                       for b in readable]
-            self.llm.collective_rpc("rayalign_load_buckets", args=(buckets,))
+            self.llm.collective_rpc("rayalign_load_buckets", args=([b.as_lists() for b in readable],))
         finally:
             remove_files(copies)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights

@@ -15,27 +15,15 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Sequence
 
 from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
 from rayalign.rollout.engine import EngineBehindError, VLLMEngine
-from rayalign.rollout.weight_sync import Published, WeightStore
 from rayalign.types import Rollout
+from rayalign.weights.plan import SyncPlan, WeightSender, WeightSource
+from rayalign.weights.store import Published, WeightStore, adapter_payload, broadcast_marker
 
 log = logging.getLogger("rayalign.rollout")
-
-
-class WeightSender(Protocol):
-    """Rank 0 of a broadcast weight group (the learner: `rayalign.learner.group.BroadcastSender`)."""
-
-    def address(self) -> tuple[str, int, str]:
-        """(host, free port, backend) where the group meets: the sender's node."""
-
-    def join(self, host: str, port: int, world_size: int, backend: str) -> None:
-        """Join as rank 0; returns once every engine worker has joined too."""
-
-    def send(self, version: int) -> int:
-        """Broadcast the current weights (the engines receive meanwhile); returns the bytes sent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,33 +36,35 @@ class SyncReport:
     copied_bytes: tuple[int, ...] = ()
     """Bytes each engine first copied from another node (full weights written where it cannot read them)."""
     sent_bytes: int = 0
-    """Bytes the sender broadcast (the broadcast transport)."""
+    """Bytes the learner sent: published to the store, or broadcast."""
 
 
 class RolloutGroup:
     """``engine.num_engines`` vLLM engine actors plus the `WeightStore` they follow.
 
-    ``transport``: how new weights will arrive -- "lora" (engines start with LoRA enabled), "full" (full weights,
-    published through shared memory and pulled by `sync`, or broadcast by a `WeightSender` with `push`) or
-    "none" (a fixed model, e.g. for sampling or evaluation).
+    ``sync_plan``: how new weights will arrive (`SyncPlan`: an adapter, so engines start with LoRA enabled, or full
+    weights, pulled from the store by `sync` or broadcast to them by `push`); None for a fixed model (sampling)
+    that may still be given an adapter with `load_adapter` when ``max_lora_rank`` is set.
     """
 
     def __init__(self, model_path: str, model: ModelConfig, engine: EngineConfig, *,
-                 transport: Literal["lora", "full", "none"] = "lora", max_lora_rank: int = 16, name: str = "policy"):
+                 sync_plan: SyncPlan | None = None, max_lora_rank: int = 0, name: str = "policy"):
         import ray
 
         self._suffix = uuid.uuid4().hex[:8]
         self._namespace = ray.get_runtime_context().namespace
         self._name = name
         self._engine_args = (model_path, model, engine)
-        self._lora_args = {"enable_lora": transport == "lora", "max_lora_rank": max_lora_rank}
+        enable_lora = bool(max_lora_rank) if sync_plan is None else sync_plan.engines_need_lora
+        self._lora_args = {"enable_lora": enable_lora, "max_lora_rank": max_lora_rank or 16}
         self.store_name = f"rayalign-{name}-weights-{self._suffix}"
         self.store = ray.remote(WeightStore).options(name=self.store_name, num_cpus=0).remote()
-        self.transport = transport
+        self.sync_plan = sync_plan
         self.version = 0
         self.engines: list[Any] = []
         self.engine_names: list[str] = []
         self._sender: WeightSender | None = None
+        self._update_sender: tuple[WeightSource, WeightSender] | None = None  # (source, its sender) for `update`
         self._group_pids: list[int] = []  # the engine processes in the broadcast group, in rank order
         self.add_engines(engine.num_engines)
 
@@ -139,10 +129,21 @@ class RolloutGroup:
     def load_adapter(self, adapter_dir: str | Path) -> SyncReport:
         """Serve the peft LoRA adapter in ``adapter_dir`` on every engine (published as the next version, then
         synced): how evaluation and serving apply a trained adapter, exactly as training does."""
-        from rayalign.rollout.weight_sync import lora_payload
-
-        self.publish(lora_payload(self.next_version(), adapter_dir))
+        self.publish(adapter_payload(self.next_version(), adapter_dir))
         return self.sync()
+
+    def update(self, version: int, source: WeightSource) -> SyncReport:
+        """Send ``source``'s current weights to every engine as ``version``, by this group's `SyncPlan`: published
+        to the store and pulled (`sync`), or broadcast (`push`). When this returns, they all generate with it."""
+        if self.sync_plan is None:
+            raise RuntimeError("this group serves a fixed model (no sync_plan): nothing can update it")
+        dtype = self._engine_args[1].dtype
+        if self.sync_plan.route == "broadcast":
+            if self._update_sender is None or self._update_sender[0] is not source:
+                self._update_sender = (source, source.weight_sender(dtype))
+            return self.push(version, self._update_sender[1])
+        published = source.publish(self.store_name, version, self.sync_plan.format, dtype)
+        return dataclasses.replace(self.sync(), sent_bytes=published.get("bytes", 0))
 
     def next_version(self) -> int:
         import ray
@@ -170,16 +171,16 @@ class RolloutGroup:
         (an engine died midway, say) is tried once more in a group formed afresh."""
         import ray
 
-        if self.transport != "full":
-            raise RuntimeError(f"push sends full weights: it needs transport='full' (this group's is "
-                               f"{self.transport!r})")
+        if self.sync_plan is None or self.sync_plan.format != "full":
+            raise RuntimeError(f"push sends full weights: it needs a sync plan of format 'full' (this group's is "
+                               f"{self.sync_plan})")
         latest = ray.get(self.store.latest_version.remote())
         if version < latest:
             raise ValueError(f"cannot push v{version}: the engines' store is at v{latest}")
         t0 = time.perf_counter()
         if version > latest:
             # a marker: engines that Ray restarts see it and wait to be pushed to (they have nothing to pull)
-            ray.get(self.store.publish.remote(Published(version=version, kind="broadcast")))
+            ray.get(self.store.publish.remote(broadcast_marker(version)))
         for attempt in (1, 2):
             pids = [i["pid"] for i in self.infos()]
             if pids != self._group_pids or sender is not self._sender:

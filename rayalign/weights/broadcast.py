@@ -22,7 +22,7 @@ import datetime
 import json
 from typing import Any, Callable, Iterable, Iterator
 
-from rayalign.rollout.weight_sync import DEFAULT_BUCKET_BYTES, bucketed, pack, unpack
+from rayalign.weights.buckets import DEFAULT_BUCKET_BYTES, bucketed, pack, unpack
 
 TIMEOUT_S = 300
 """How long a member waits in one collective (or for the others to join) before failing. Under NCCL a timeout
@@ -122,7 +122,7 @@ def receive(group: Any, backend: str) -> Iterator[tuple[str, Any]]:
 
 
 class ProcessSender:
-    """This process as the sender of a weight group (a `rayalign.rollout.group.WeightSender`), broadcasting what
+    """This process as the sender of a weight group (a `rayalign.weights.WeightSender`), broadcasting what
     ``weights()`` yields at each send: for drivers that hold the weights themselves, tests and benchmarks. (The
     learner's sender is `rayalign.learner.group.BroadcastSender`.)"""
 

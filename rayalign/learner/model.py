@@ -1,0 +1,177 @@
+"""Building what a learner rank trains: the policy, the frozen reference, and the DeepSpeed engine around them;
+and the forward passes that read per-token logprobs (and values) out of them.
+
+The policy is an HF causal LM, with a peft LoRA adapter or fully trainable, plus a scalar value head when the
+objective wants one (head "lm+value"; it shares the backbone). Under LoRA the reference is the same model with the
+adapter switched off; a full finetune keeps a frozen copy, sharded like the policy under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+from rayalign.config import LearnerConfig, LoraConfig
+
+
+def build_policy(model_path: str, learner: LearnerConfig, lora: LoraConfig, value_head: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if learner.dtype == "bfloat16" else torch.float32
+
+    class Policy(torch.nn.Module):
+        """The LM plus an optional scalar value head on its last hidden state (shared backbone)."""
+
+        def __init__(self, lm: torch.nn.Module, hidden_size: int):
+            super().__init__()
+            self.lm = lm
+            self.value_head = torch.nn.Linear(hidden_size, 1) if value_head else None
+            if self.value_head is not None:
+                torch.nn.init.normal_(self.value_head.weight, std=1e-3)
+                torch.nn.init.zeros_(self.value_head.bias)
+
+        def forward(self, input_ids, attention_mask, logits_to_keep=0):
+            """(B, L) -> logits (B, L, V) (the last ``logits_to_keep`` positions only, when > 0),
+            hidden (B, L, H) | None."""
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                          output_hidden_states=self.value_head is not None, use_cache=False)
+            hidden = out.hidden_states[-1] if self.value_head is not None else None
+            return out.logits, hidden
+
+    lm = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
+    # no dropout: the old-policy pass (eval mode) and the training pass (train mode) must see the same function
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if learner.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+        lm.enable_input_require_grads()
+    if learner.finetune == "lora":
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    return Policy(lm, lm.config.hidden_size)
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """One rank's models. ``engine`` wraps ``policy`` (DeepSpeed: optimizer, ZeRO, gradient accumulation);
+    ``reference`` is None under LoRA (the adapter is switched off instead)."""
+
+    policy: Any
+    engine: Any
+    reference: Any
+    zero3: bool
+    finetune: str
+
+    @property
+    def device(self) -> Any:
+        return self.engine.device
+
+    def gathered(self, params: list) -> Any:
+        """Whole ``params`` inside the block on every rank (ZeRO-3: a collective all ranks must enter)."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+
+
+def build(model_path: str, learner: LearnerConfig, lora: LoraConfig, minibatch_size: int, world_size: int,
+          value_head: bool, with_reference: bool = True) -> TrainedModel:
+    """The policy (and, for a full finetune with ``with_reference``, a frozen reference) inside DeepSpeed, with
+    AdamW and a linear warm-up. ``minibatch_size`` sequences per optimizer step over ``world_size`` ranks."""
+    import deepspeed
+    import torch
+
+    accumulation = minibatch_size // (learner.micro_batch_size * world_size)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": minibatch_size,
+        "gradient_clipping": learner.max_grad_norm,
+        "zero_optimization": {"stage": learner.zero_stage},
+        "bf16": {"enabled": learner.dtype == "bfloat16"},
+        "steps_per_print": 1 << 30,
+    }
+    zero3 = learner.zero_stage == 3
+    hf_zero3 = None
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed()  # on Ray Train's process group; zero.Init checks the batch sizes against it
+        # while this object lives, from_pretrained loads each rank's shard only (deepspeed.zero.Init)
+        hf_zero3 = HfDeepSpeedConfig(ds_config)
+    policy = build_policy(model_path, learner, lora, value_head=value_head)
+    reference = None
+    if learner.finetune == "full" and with_reference:
+        from transformers import AutoModelForCausalLM
+
+        reference = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=policy.lm.dtype)
+        reference.requires_grad_(False)
+        if zero3:
+            # sharded like the policy (loaded under HfDeepSpeedConfig); an engine without an optimizer gathers
+            # each layer's weights for its forward and frees them after
+            reference, _, _, _ = deepspeed.initialize(model=reference, config={
+                key: ds_config[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                                "train_batch_size", "zero_optimization", "bf16",
+                                                "steps_per_print")})
+        reference.eval()  # (a DeepSpeed engine's eval returns None)
+    del hf_zero3
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learner.lr, weight_decay=learner.weight_decay)
+    warmup = learner.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    if reference is not None and not zero3:
+        reference.to(engine.device)  # beside the policy (on GPU; ZeRO-3's engine placed its own)
+    return TrainedModel(policy, engine, reference, zero3, learner.finetune)
+
+
+def _positions(mb: dict[str, Any], device: Any) -> tuple[Any, Any, Any, int]:
+    """input_ids, attention_mask (B, L) on ``device``, the (B, T) positions of the logits that predict each response
+    token, and the first position whose logits are needed (the LM head then runs on the responses alone)."""
+    from rayalign.learner.batch import logits_from, response_positions
+
+    input_ids = mb["input_ids"].to(device)
+    attention_mask = mb["attention_mask"].to(device)
+    positions = response_positions(mb["response_start"].to(device), mb["response_mask"].shape[1],
+                                   input_ids.shape[1])
+    first = logits_from(positions, mb["response_mask"])
+    return input_ids, attention_mask, positions.clamp(min=first), first  # the clamp moves only padding rows'
+
+
+def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float) -> tuple[Any, Any, Any]:
+    """The policy's response logprobs (B, T), values (B, T) | None and temperature-scaled logits (B, T, V)."""
+    from rayalign.learner.batch import gather_response, token_logprobs
+
+    input_ids, attention_mask, positions, first = _positions(mb, model.device)
+    logits, hidden = model.engine(input_ids, attention_mask, logits_to_keep=input_ids.shape[1] - first)
+    logprobs, selected = token_logprobs(logits, input_ids, positions, temperature, first)
+    values = None
+    if hidden is not None:
+        values = model.policy.value_head(gather_response(hidden, positions)).squeeze(-1).float()
+    return logprobs, values, selected
+
+
+def reference_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: float) -> Any:
+    """The reference's response logprobs (B, T): the frozen copy, or the policy with its adapter off."""
+    from rayalign.learner.batch import token_logprobs
+
+    input_ids, attention_mask, positions, first = _positions(mb, model.device)
+    keep = input_ids.shape[1] - first
+    if model.reference is not None:
+        logits = model.reference(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                                 use_cache=False).logits
+    else:
+        with model.policy.lm.disable_adapter():
+            logits = model.policy.lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                                     use_cache=False).logits
+    return token_logprobs(logits, input_ids, positions, temperature, first)[0]

@@ -1,0 +1,133 @@
+"""What the learner minimises, picked by name: one `Objective` per training method, one training path for all.
+
+An objective says what the model needs (``head``: the LM alone, the LM plus a value head, or a sequence
+classifier), how rows pair up (``rows_per_example``: 1, or 2 for a chosen/rejected pair kept in one
+micro-batch), whether the frozen reference's logprobs must be computed, what each row counts for when losses are
+averaged (``row_weights``: response tokens for token-level losses, 1 per example for sequence-level ones), and
+``loss(outputs, micro_batch, settings) -> (loss, normaliser, stats)``. The loss is the mean over the micro-batch's
+own units; `token_share` rescales it so that the optimizer step minimises the mean over the whole minibatch,
+across micro-batches and ranks. Adding a method adds an entry to `OBJECTIVES`, not a branch in the worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import torch
+
+from rayalign.algorithms.core import masked_mean
+from rayalign.algorithms.kl import kl_estimate
+from rayalign.algorithms.ppo import entropy_from_logits, policy_loss, value_loss
+from rayalign.config import AlgorithmConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What the training forward pass gives an objective, for a micro-batch of B rows and T response tokens."""
+
+    logprobs: torch.Tensor
+    """(B, T) the response tokens' logprobs under the policy (with gradients)."""
+    logits: torch.Tensor | None = None
+    """(B, T, V) the temperature-scaled logits that predicted them (float32), for the entropy."""
+    values: torch.Tensor | None = None
+    """(B, T) the value head's estimates (head "lm+value")."""
+
+
+LossFn = Callable[[Outputs, dict[str, torch.Tensor], Any], tuple[torch.Tensor, float, dict[str, torch.Tensor]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    name: str
+    head: Literal["lm", "lm+value", "classifier"]
+    rows_per_example: Literal[1, 2]
+    needs_reference: bool
+    row_weights: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    """batch -> (B,) what each row counts for in the minibatch mean (0 for padding rows)."""
+    loss: LossFn
+    settings: Callable[[AlgorithmConfig, float], Any]
+    """(algorithm config, this step's KL coefficient) -> the ``settings`` its loss takes."""
+
+
+def token_share(normaliser: float, minibatch_normaliser: float, accumulation: int, world_size: int) -> float:
+    """The factor on a micro-batch's mean loss that makes the optimizer step minimise the minibatch's mean.
+
+    A micro-batch's loss is a mean over its ``normaliser`` units (tokens or examples); the minibatch holds
+    ``minibatch_normaliser`` units over ``accumulation`` micro-batches on each of ``world_size`` ranks. DeepSpeed
+    divides the summed gradients by ``accumulation`` and averages them over ranks, so each micro-batch is weighted
+    by its share of the minibatch's units, times ``accumulation * world_size``. A minibatch of padding alone
+    (``minibatch_normaliser`` 0) contributes nothing.
+    """
+    if minibatch_normaliser <= 0:
+        return 0.0
+    return normaliser / minibatch_normaliser * accumulation * world_size
+
+
+def response_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) response tokens per row: the unit of token-level losses."""
+    return batch["response_mask"].sum(dim=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyGradientSettings:
+    clip_eps: float
+    value_clip_eps: float
+    vf_coef: float
+    entropy_coef: float
+    kl_coef: float
+    """This step's KL coefficient; used only with the KL in the loss."""
+    kl_in_loss: bool
+    kl_estimator: str
+
+    @classmethod
+    def from_algorithm(cls, algo: AlgorithmConfig, kl_coef: float) -> "PolicyGradientSettings":
+        return cls(clip_eps=algo.clip_eps, value_clip_eps=algo.value_clip_eps, vf_coef=algo.vf_coef,
+                   entropy_coef=algo.entropy_coef, kl_coef=kl_coef, kl_in_loss=algo.kl_in_loss,
+                   kl_estimator=algo.estimator)
+
+
+def clipped_policy_gradient(outputs: Outputs, mb: dict[str, torch.Tensor],
+                            settings: PolicyGradientSettings) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate on ``mb["advantages"]`` against ``mb["logprobs"]`` (the old policy), plus the value
+    loss when the outputs carry values (``mb["values"]`` old values, ``mb["returns"]``), the KL to
+    ``mb["ref_logprobs"]`` when it goes in the loss, and an entropy bonus. Token means; all (B, T).
+    The normaliser is the micro-batch's response tokens."""
+    mask = mb["response_mask"]
+    logprobs = outputs.logprobs
+    pg, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, settings.clip_eps)
+    loss = pg
+    stats = {"policy_loss": pg, **pg_stats}
+    if outputs.values is not None:
+        vf, vf_stats = value_loss(outputs.values, mb["values"], mb["returns"], mask, settings.value_clip_eps)
+        loss = loss + settings.vf_coef * vf
+        stats.update(value_loss=vf, **vf_stats)
+    if settings.kl_in_loss and settings.kl_coef > 0:
+        kl = masked_mean(kl_estimate(logprobs, mb["ref_logprobs"], settings.kl_estimator, mask), mask)
+        loss = loss + settings.kl_coef * kl
+        stats["kl_loss"] = kl
+    if outputs.logits is not None:
+        entropy = masked_mean(entropy_from_logits(outputs.logits), mask)
+        if settings.entropy_coef:
+            loss = loss - settings.entropy_coef * entropy
+        stats["entropy"] = entropy
+    return loss, float(mask.sum()), stats
+
+
+def _policy_gradient(name: str, head: Literal["lm", "lm+value"]) -> Objective:
+    return Objective(name=name, head=head, rows_per_example=1, needs_reference=True, row_weights=response_tokens,
+                     loss=clipped_policy_gradient, settings=PolicyGradientSettings.from_algorithm)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "ppo": _policy_gradient("ppo", "lm+value"),  # advantages from GAE over the value head's estimates
+    "grpo": _policy_gradient("grpo", "lm"),  # group-normalised advantages, no critic
+    "rloo": _policy_gradient("rloo", "lm"),  # leave-one-out baselines, no critic
+}
+
+
+def objective(name: str) -> Objective:
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})") from None

@@ -1,0 +1,101 @@
+"""The learner's objectives and the one sync plan: pure control flow and maths, against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rayalign.config import AlgorithmConfig, LearnerConfig, lora_rank_slot
+from rayalign.learner.objectives import (OBJECTIVES, Outputs, PolicyGradientSettings, clipped_policy_gradient,
+                                         objective, response_tokens, token_share)
+from rayalign.weights import SyncPlan
+
+
+def test_token_share_by_hand():
+    # 3 of the minibatch's 10 tokens, 2 micro-batches per rank, 2 ranks: DeepSpeed divides by 2 and averages 2
+    assert token_share(3.0, 10.0, 2, 2) == pytest.approx(1.2)
+    assert token_share(5.0, 5.0, 1, 1) == 1.0
+    assert token_share(0.0, 0.0, 4, 2) == 0.0  # a minibatch of padding rows contributes nothing
+
+
+def test_token_share_makes_micro_batch_means_the_minibatch_token_mean():
+    """Micro-batch means of unequal sizes, scaled and averaged the way DeepSpeed does (sum over accumulation, / it,
+    mean over ranks), equal the token mean over the whole minibatch -- not the mean of the means."""
+    torch.manual_seed(0)
+    world, accumulation = 2, 3
+    lengths = [[5, 1, 7], [2, 9, 0]]  # tokens per micro-batch, per rank (one is all padding)
+    losses = [[torch.randn(n) for n in rank] for rank in lengths]
+    total = float(sum(sum(rank) for rank in lengths))
+    per_rank = []
+    for rank in losses:
+        summed = sum(float(x.mean()) * token_share(len(x), total, accumulation, world) if len(x) else 0.0
+                     for x in rank)
+        per_rank.append(summed / accumulation)
+    expected = float(torch.cat([x for rank in losses for x in rank]).mean())
+    assert sum(per_rank) / world == pytest.approx(expected, abs=1e-6)
+    naive = sum(float(x.mean()) for rank in losses for x in rank if len(x)) / 5
+    assert naive != pytest.approx(expected, abs=1e-3)  # the plain mean of means would be wrong here
+
+
+def test_objectives_are_picked_by_name():
+    assert OBJECTIVES["ppo"].head == "lm+value"
+    assert OBJECTIVES["grpo"].head == OBJECTIVES["rloo"].head == "lm"
+    assert all(o.rows_per_example == 1 and o.needs_reference for o in OBJECTIVES.values())
+    assert objective("grpo") is OBJECTIVES["grpo"]
+    with pytest.raises(ValueError, match="unknown objective 'dpo0'.*grpo, ppo, rloo"):
+        objective("dpo0")
+
+
+def test_response_tokens_count_each_row():
+    batch = {"response_mask": torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])}
+    assert response_tokens(batch).tolist() == [2.0, 0.0, 3.0]
+
+
+def test_clipped_policy_gradient_by_hand():
+    """Ratio 1 (old = current), advantages 2 and 1, the k3 KL to a reference at half the first token's
+    probability, in the loss with coefficient 0.1: loss = -(2 + 1) / 2 + 0.1 * (0.5 + ln 2 - 1) / 2."""
+    logprobs = torch.log(torch.tensor([[0.5, 0.5, 0.3]], dtype=torch.float64)).requires_grad_()
+    mb = {"response_mask": torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64),
+          "logprobs": logprobs.detach().clone(),
+          "ref_logprobs": torch.log(torch.tensor([[0.25, 0.5, 0.9]], dtype=torch.float64)),
+          "advantages": torch.tensor([[2.0, 1.0, 7.0]], dtype=torch.float64)}
+    settings = PolicyGradientSettings.from_algorithm(AlgorithmConfig(name="grpo", kl_coef=0.1), kl_coef=0.1)
+    assert settings.kl_in_loss and settings.kl_estimator == "k3"
+    loss, normaliser, stats = clipped_policy_gradient(Outputs(logprobs), mb, settings)
+    k3 = (0.5 + math.log(2) - 1) / 2
+    assert float(loss) == pytest.approx(-1.5 + 0.1 * k3, abs=1e-9)
+    assert normaliser == 2.0 and float(stats["kl_loss"]) == pytest.approx(k3, abs=1e-9)
+    assert float(stats["clip_frac"]) == 0.0 and "entropy" not in stats and "value_loss" not in stats
+    loss.backward()
+    assert logprobs.grad[0, 2] == 0  # padding gets no gradient
+    assert logprobs.grad[0, 0] < logprobs.grad[0, 1] < 0  # larger advantage, stronger push up
+
+
+def test_value_loss_joins_when_the_head_gives_values():
+    mb = {"response_mask": torch.ones(1, 1), "logprobs": torch.zeros(1, 1), "advantages": torch.zeros(1, 1),
+          "values": torch.zeros(1, 1), "returns": torch.ones(1, 1)}
+    settings = PolicyGradientSettings.from_algorithm(AlgorithmConfig(name="ppo", vf_coef=0.1), kl_coef=0.0)
+    loss, _, stats = clipped_policy_gradient(Outputs(torch.zeros(1, 1), values=torch.full((1, 1), 0.5)), mb,
+                                             settings)
+    # V = 0.5, V_old = 0, R = 1, eps 0.2: clipped V = 0.2 -> 0.5 * max(0.25, 0.64) = 0.32, weighted 0.1
+    assert float(stats["value_loss"]) == pytest.approx(0.32) and float(loss) == pytest.approx(0.032)
+
+
+def test_one_sync_plan_from_the_learner_config():
+    assert SyncPlan.for_learner(LearnerConfig()) == SyncPlan("full", "store")  # LoRA merged: the CPU default
+    assert SyncPlan.for_learner(LearnerConfig(lora_sync="adapter")) == SyncPlan("adapter", "store")
+    assert SyncPlan.for_learner(LearnerConfig(full_sync="broadcast")) == SyncPlan("full", "broadcast")
+    assert SyncPlan.for_learner(LearnerConfig(finetune="full", lora_sync="adapter")) == SyncPlan("full", "store")
+    assert SyncPlan("adapter").engines_need_lora and not SyncPlan("full").engines_need_lora
+    with pytest.raises(ValueError, match="only full weights are broadcast"):
+        SyncPlan("adapter", "broadcast")
+    with pytest.raises(ValueError, match="sync format"):
+        SyncPlan("merged")
+
+
+def test_lora_rank_slots():
+    assert [lora_rank_slot(r) for r in (1, 2, 8, 12, 64, 65, 512)] == [1, 8, 8, 16, 64, 128, 512]
+    with pytest.raises(ValueError, match="above vLLM's limit 512"):
+        lora_rank_slot(513)
