@@ -40,7 +40,6 @@ from rayalign import config as C  # noqa: E402
 log = logging.getLogger("rayalign.ppo")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class PPOJobConfig:
     model: C.ModelConfig = C.ModelConfig()
@@ -101,23 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.parse_job_config(PPOJobConfig, argv, description=__doc__ or "")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from rayalign.data.prompts import DatasetError, fit_to_context, load_prompts, prompt_indices
+    from rayalign.data.prompts import prompt_indices
+    from rayalign.job import INPUT_ERRORS, engine_needs, load_job_inputs, prompt_token_budget, refuse, start_ray
     from rayalign.judge.reward import build_reward, resource_needs
     from rayalign.learner.checkpoints import mark_complete, resolve_run
-    from rayalign.models import ModelNotFoundError, resolve_model
 
     try:
-        dataset = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
-        model_path = resolve_model(cfg.model.name)
-        from transformers import AutoTokenizer
-
-        dataset = fit_to_context(dataset, AutoTokenizer.from_pretrained(model_path),
-                                 cfg.engine.max_model_len - cfg.sampling.max_new_tokens)
+        inputs = load_job_inputs(cfg.model.name, cfg.data, prompt_token_budget(cfg.engine, cfg.sampling))
         storage, run_name, resume_from, fork = resolve_run(cfg.trainer)
         reward_fn = build_reward(cfg.reward)  # starts nothing yet; a bad reward-model path fails here
-    except (DatasetError, ModelNotFoundError, C.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as e:
+        return refuse(e)
+    model_path, dataset = inputs.model_path, inputs.prompts
 
     import ray
     import torch
@@ -127,26 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.learner import rl
     from rayalign.learner.batch import minibatch_plan, pad_rollouts
     from rayalign.learner.group import Learner
-    from rayalign.resources import check_resources, init_ray
     from rayalign.rollout.group import RolloutGroup
     from rayalign.tracking import Tracker
     from rayalign.weights import SyncPlan
 
     algo, trainer = cfg.algorithm, cfg.trainer
     sync_plan = SyncPlan.for_learner(cfg.learner)  # what the learner sends the engines after each update, and how
-    address = init_ray(cfg.ray)
-    reward_needs = resource_needs(cfg.reward)
+    learner_needs = {"CPU": cfg.learner.num_workers * cfg.learner.num_cpus_per_worker,
+                     "GPU": cfg.learner.num_workers * cfg.learner.num_gpus_per_worker}
+    needs = {k: engine_needs(cfg.engine)[k] + resource_needs(cfg.reward)[k] + learner_needs[k] for k in learner_needs}
     try:
-        check_resources({
-            "CPU": cfg.engine.num_engines * cfg.engine.num_cpus + reward_needs["CPU"]
-            + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker,
-            "GPU": cfg.engine.num_engines * cfg.engine.num_gpus + reward_needs["GPU"]
-            + cfg.learner.num_workers * cfg.learner.num_gpus_per_worker,
-        }, address)
+        address = start_ray(cfg.ray, needs)
     except C.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        ray.shutdown()
-        return 2
+        return refuse(e, "config error")
     started = f"from {resume_from}" if fork else "resuming" if resume_from else "new"
     log.info("run %s in %s (%s); %d prompts from %s", run_name, storage, started,
              len(dataset.prompts), dataset.source)

@@ -44,31 +44,27 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.parse_job_config(SampleConfig, argv, description=__doc__ or "")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from transformers import AutoTokenizer
-
-    from rayalign.data.prompts import DatasetError, fit_to_context, load_prompts
-    from rayalign.models import ModelNotFoundError, resolve_model
+    from rayalign.job import INPUT_ERRORS, engine_needs, load_job_inputs, prompt_token_budget, refuse, start_ray
 
     try:
-        prompts = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
-        model_path = resolve_model(cfg.model.name)
-        prompts = fit_to_context(prompts, AutoTokenizer.from_pretrained(model_path),
-                                 cfg.engine.max_model_len - cfg.sampling.max_new_tokens)
-    except (DatasetError, ModelNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        inputs = load_job_inputs(cfg.model.name, cfg.data, prompt_token_budget(cfg.engine, cfg.sampling))
+    except INPUT_ERRORS as e:
+        return refuse(e)
 
     import ray
 
-    from rayalign.resources import init_ray
     from rayalign.rollout.group import RolloutGroup
     from rayalign.tracking import Tracker
 
-    address = init_ray(cfg.ray)
+    try:
+        address = start_ray(cfg.ray, engine_needs(cfg.engine))
+    except C.ConfigError as e:
+        return refuse(e, "config error")
+    prompts = inputs.prompts
     with Tracker(cfg.tracking.experiment, run_name=cfg.tracking.run_name, config=cfg,
                  tags={"job": "sample", "ray_address": address}) as tracker:
         t0 = time.perf_counter()
-        engines = RolloutGroup(model_path, cfg.model, cfg.engine, transport="none")
+        engines = RolloutGroup(inputs.model_path, cfg.model, cfg.engine)
         start_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()

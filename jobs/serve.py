@@ -24,7 +24,6 @@ engines must be able to read it there (adapters travel through the object store 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -41,8 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from rayalign import config as C  # noqa: E402
 
 log = logging.getLogger("rayalign.serve")
-
-LORA_RANK_SLOTS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts (besides 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +80,6 @@ class ServeJobConfig:
     """Which Ray."""
 
 
-class ServeInputError(ValueError):
-    """Something to serve that is not there: a missing adapter, run or artifact. One line."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Served:
     model_path: str
@@ -99,76 +92,24 @@ class Served:
     """The model id the API reports."""
 
 
-def check_adapter(path: Path) -> int:
-    """Raise ServeInputError unless ``path`` is a peft LoRA adapter directory vLLM can load; returns its rank."""
-    if not path.is_dir():
-        raise ServeInputError(f"serve.adapter: {path} does not exist or is not a directory")
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise ServeInputError(f"serve.adapter: {path} is not a peft adapter directory (no adapter_config.json)")
-    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise ServeInputError(f"serve.adapter: {path} has adapter_config.json but no adapter_model.safetensors")
-    try:
-        adapter = json.loads(config_file.read_text())
-    except ValueError:
-        raise ServeInputError(f"serve.adapter: {config_file} is not valid JSON") from None
-    rank = adapter.get("r")
-    if adapter.get("peft_type") != "LORA" or not isinstance(rank, int) or not 1 <= rank <= LORA_RANK_SLOTS[-1]:
-        raise ServeInputError(f"serve.adapter: {path} is not a LoRA adapter of rank 1..{LORA_RANK_SLOTS[-1]} "
-                              f"(peft_type {adapter.get('peft_type')}, r {rank})")
-    return rank
-
-
 def resolve_served(cfg: ServeJobConfig, download_dir: Path) -> Served:
-    """What the config asks to serve, checked before anything heavy starts. Raises ServeInputError or
-    ModelNotFoundError with one line. Run artifacts are downloaded into ``download_dir``."""
-    from rayalign.models import resolve_model
+    """What the config asks to serve, checked before anything heavy starts (`rayalign.models`): raises
+    ModelSpecError or ModelNotFoundError with one line. Run artifacts are downloaded into ``download_dir``."""
+    from rayalign.models import resolve_adapter, resolve_base, resolve_run_model
 
-    if cfg.serve.run_id:
-        return _from_run(cfg.serve.run_id, download_dir)
-    model_path = resolve_model(cfg.model.name)
-    if (Path(model_path) / "adapter_config.json").is_file() and not (Path(model_path) / "config.json").is_file():
-        raise ServeInputError(f"model.name: {cfg.model.name} is a LoRA adapter, not a model; serve it with "
-                              f"serve.adapter={cfg.model.name}")
+    if cfg.serve.run_id:  # the run's adapter goes on the base that run trained, not on model.name
+        run = resolve_run_model(cfg.serve.run_id, download_dir, what="serve.run_id")
+        name = run.run_name or cfg.serve.run_id
+        if run.kind == "merged":
+            return Served(run.path, None, 0, name)
+        base = resolve_base(run.run_model_name or C.ModelConfig().name)
+        return Served(base, Path(run.path), run.lora_rank, name)
+    model_path = resolve_base(cfg.model.name)
     if not cfg.serve.adapter:
         return Served(model_path, None, 0, cfg.model.name)
-    adapter = Path(cfg.serve.adapter).expanduser().resolve()
-    return Served(model_path, adapter, check_adapter(adapter), adapter.parent.name + "/" + adapter.name)
-
-
-def _from_run(run_id: str, download_dir: Path) -> Served:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from rayalign.models import resolve_model
-    from rayalign.config import redact_url
-    from rayalign.tracking import tracking_uri
-
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ServeInputError(f"serve.run_id: there is no MLflow store at {redact_url(uri)} "
-                              f"(set MLFLOW_TRACKING_URI)")
-    client = mlflow.MlflowClient(uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise ServeInputError(f"serve.run_id: no MLflow run {run_id} in {redact_url(uri)}") from None
-        raise ServeInputError(f"serve.run_id: could not read run {run_id} from {redact_url(uri)}: "
-                              f"{e.message.splitlines()[0]}") from None
-    saved = {a.path for a in client.list_artifacts(run_id, "model")}
-    name = run.info.run_name or run_id
-    if "model/adapter" in saved:
-        adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/adapter",
-                                                           dst_path=str(download_dir), tracking_uri=uri))
-        base = run.data.params.get("model.name") or C.ModelConfig().name
-        return Served(resolve_model(base), adapter, check_adapter(adapter), name)
-    if "model/merged" in saved:
-        merged = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/merged",
-                                                     dst_path=str(download_dir), tracking_uri=uri)
-        return Served(merged, None, 0, name)
-    raise ServeInputError(f"serve.run_id: run {run_id} has no model/adapter or model/merged artifacts "
-                          "(only a finished jobs/ppo.py run saves a model)")
+    adapter = resolve_adapter(cfg.serve.adapter, what="serve.adapter")
+    path = Path(adapter.path)
+    return Served(model_path, path, adapter.lora_rank, f"{path.parent.name}/{path.name}")
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -191,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.parse_job_config(ServeJobConfig, argv, description=__doc__ or "")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from rayalign.models import ModelNotFoundError
+    from rayalign.job import INPUT_ERRORS, engine_needs, refuse, start_ray
 
     local_ray = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     download_dir = Path(tempfile.mkdtemp(prefix="rayalign-serve-"))
@@ -199,10 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             served = resolve_served(cfg, download_dir)
             if local_ray and _port_in_use(cfg.serve.host, cfg.serve.port):
-                raise ServeInputError(f"serve.port: {cfg.serve.host}:{cfg.serve.port} is already in use")
-        except (ServeInputError, ModelNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+                raise C.ConfigError(f"serve.port: {cfg.serve.host}:{cfg.serve.port} is already in use")
+        except INPUT_ERRORS as e:
+            return refuse(e)
+        try:
+            start_ray(cfg.ray, engine_needs(cfg.engine))
+        except C.ConfigError as e:
+            return refuse(e, "config error")
         serve(cfg, served)
     finally:
         shutil.rmtree(download_dir, ignore_errors=True)
@@ -210,27 +154,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(cfg: ServeJobConfig, served: Served) -> None:
-    """Start the engines and the route, wait, take everything down again (also on Ctrl-C)."""
+    """Start the engines and the route on the joined Ray, wait, take everything down again (also on Ctrl-C)."""
     import ray
 
-    from rayalign.resources import init_ray
+    from rayalign.config import lora_rank_slot
     from rayalign.rollout.group import RolloutGroup
     from rayalign.rollout.serve import start_chat_server, stop_chat_server
-    from rayalign.rollout.weight_sync import lora_payload
 
     # Ctrl-C and `kill` both stop cleanly, also where the launcher left SIGINT ignored (a background job of a script)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
     engines, routed = None, False
     try:
-        init_ray(cfg.ray)
         t0 = time.perf_counter()
-        rank_slot = next((s for s in LORA_RANK_SLOTS if s >= served.lora_rank), LORA_RANK_SLOTS[-1])
         engines = RolloutGroup(served.model_path, cfg.model, cfg.engine, name="serve",
-                               transport="lora" if served.adapter else "none", max_lora_rank=rank_slot)
+                               max_lora_rank=lora_rank_slot(served.lora_rank) if served.adapter else 0)
         if served.adapter:
-            engines.publish(lora_payload(engines.next_version(), served.adapter))
-            engines.sync()
+            engines.load_adapter(served.adapter)
         url = start_chat_server(engines.engine_names, model_name=served.name, defaults=cfg.sampling,
                                 host=cfg.serve.host, port=cfg.serve.port)
         routed = True

@@ -95,14 +95,15 @@ def histogram(results: list[dict], threshold: float, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rayalign.job import INPUT_ERRORS, refuse, start_ray
+
     args = list(sys.argv[1:] if argv is None else argv)
     reward_file, rest = None, []
     while args:
         arg = args.pop(0)
         if arg in ("--data", "--reward-config", "--out"):
             if not args:
-                print(f"config error: command line: {arg} needs a value", file=sys.stderr)
-                return 2
+                return refuse(f"command line: {arg} needs a value", "config error")
             value = args.pop(0)
             if arg == "--data":
                 rest.append(f"data.path={value}")
@@ -118,38 +119,32 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = dataclasses.replace(cfg, reward=C.load_config(C.RewardConfig, reward_file, reward_overrides))
         except C.ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
+            return refuse(e, "config error")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from rayalign.data.prompts import DatasetError
-    from rayalign.judge.rubric import RubricError, load_rubric, rubric_path
+    from rayalign.judge.reward import build_reward, resource_needs, uses_ray
+    from rayalign.judge.rubric import load_rubric, rubric_path
 
     try:
         rows, skipped = read_rows(cfg.data.path, cfg.data.limit)
         rubric = load_rubric(rubric_path(cfg.reward.judge.rubric))
-    except (DatasetError, RubricError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        reward = build_reward(cfg.reward)  # starts nothing yet
+    except INPUT_ERRORS as e:
+        return refuse(e)
 
     from tqdm.auto import tqdm
 
     from rayalign.evaluation.metrics import binary_metrics, roc_auc
     from rayalign.judge.openai_judge import JudgeUnavailableError
-    from rayalign.judge.reward import build_reward, uses_ray
-    from rayalign.models import ModelNotFoundError
-    from rayalign.resources import init_ray
     from rayalign.tracking import Tracker
 
+    if uses_ray(cfg.reward):  # the Serve judge and reward-model actors
+        try:
+            start_ray(cfg.ray, resource_needs(cfg.reward))
+        except C.ConfigError as e:
+            return refuse(e, "config error")
     out = Path(cfg.out) / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        reward = build_reward(cfg.reward)  # starts nothing yet
-    except (ModelNotFoundError, C.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if uses_ray(cfg.reward):  # the Serve judge and reward-model actors
-        init_ray(cfg.ray)
     results: list[dict] = []
     status = 0
     with Tracker(cfg.tracking.experiment, run_name=cfg.tracking.run_name, config=cfg,

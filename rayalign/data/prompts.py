@@ -90,7 +90,7 @@ def load_prompts(name: str, *, limit: int | None = None, field: str = "prompt") 
     return PromptSet(prompts=tuple(prompts), source=str(path), skipped=skipped)
 
 
-def fit_to_context(prompts: PromptSet, tokenizer: Any, max_prompt_tokens: int) -> PromptSet:
+def drop_overlong_prompts(prompts: PromptSet, tokenizer: Any, max_prompt_tokens: int) -> PromptSet:
     """``prompts`` without those whose chat-templated form (as the engines send it) is longer than
     ``max_prompt_tokens``: vLLM would refuse the whole batch that held one. They are skipped and counted."""
     def length(prompt: str) -> int:
@@ -106,6 +106,9 @@ def fit_to_context(prompts: PromptSet, tokenizer: Any, max_prompt_tokens: int) -
         raise DatasetError(f"{prompts.source}: every prompt is longer than {max_prompt_tokens} tokens "
                            f"(engine.max_model_len - sampling.max_new_tokens)")
     return dataclasses.replace(prompts, prompts=kept, skipped=prompts.skipped + dropped)
+
+
+fit_to_context = drop_overlong_prompts  # the former name, still imported by jobs/ppo.py and tests
 
 
 def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> list[int]:

@@ -8,6 +8,7 @@ in ``failures``, never as a violation or a pass, so violations + passes + failur
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,6 +68,42 @@ def largest_gaps(base_scores: Sequence[float | None], scores: Sequence[float | N
 
     differing = [i for i in range(len(scores)) if responses[i].strip() != base_responses[i].strip()]
     return sorted(differing, key=key, reverse=True)[:top]
+
+
+def side_by_side(prompts: Sequence[str], baseline: str, label: str, responses: dict[str, list[str]],
+                 judgements: dict[str, list], rule_scores: dict[str, list[float] | None],
+                 outcomes: Sequence[str], threshold: float, top: int) -> list[dict[str, Any]]:
+    """The report's ``samples`` for one model: the ``top`` prompts where ``label``'s answers differ most from
+    ``baseline``'s (`largest_gaps`), both answers beside each other with their scores and the pairwise outcome.
+    ``responses``, ``judgements`` and ``rule_scores`` are per model label, each one entry per prompt."""
+    base_scores = [j.score for j in judgements[baseline]]
+    scores = [j.score for j in judgements[label]]
+
+    def side(name: str, i: int) -> dict[str, Any]:
+        rule = rule_scores[name]
+        return {"response": responses[name][i], "score": judgements[name][i].score,
+                "judge_raw": judgements[name][i].raw[:200],
+                "rule_violation": None if rule is None else rule[i] < threshold}
+
+    return [{"model": label, "baseline": baseline, "prompt": prompts[i], "pairwise": outcomes[i],
+             "gap": None if scores[i] is None or base_scores[i] is None else scores[i] - base_scores[i],
+             "base": side(baseline, i), "candidate": side(label, i)}
+            for i in largest_gaps(base_scores, scores, responses[baseline], responses[label],
+                                  rule_scores[baseline], rule_scores[label], top)]
+
+
+def write_samples(path: Path, prompts: Sequence[str], rollouts: dict[str, list], judgements: dict[str, list],
+                  rule_scores: dict[str, list[float] | None]) -> None:
+    """``samples.jsonl``: one line per (prompt, model) with the response, its judgement and its rule score;
+    ``rollouts``, ``judgements`` and ``rule_scores`` are per model label, each one entry per prompt."""
+    with open(path, "w") as f:
+        for i, prompt in enumerate(prompts):
+            for label, rs in rollouts.items():
+                j, rule = judgements[label][i], rule_scores[label]
+                f.write(json.dumps({"prompt": prompt, "model": label, "response": rs[i].response,
+                                    "tokens": len(rs[i].response_token_ids), "finish_reason": rs[i].finish_reason,
+                                    "score": j.score, "judge_raw": j.raw, "judge_error": j.error,
+                                    "rule_score": None if rule is None else rule[i]}) + "\n")
 
 
 def check_report(report: dict[str, Any]) -> list[str]:
