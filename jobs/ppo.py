@@ -1,8 +1,8 @@
 """RLAIF: align a chat policy to a written policy with an LLM judge, using PPO, GRPO or RLOO.
 
 Each step: take the next prompts -> sample responses on the vLLM rollout engines -> score them with the reward
-(an LLM judge on Ray Serve, alone or with rule components) -> the learner (Ray Train workers running DeepSpeed)
-computes old-policy and reference logprobs (and values, PPO) -> advantages here -> clipped-ratio updates ->
+(an LLM judge on Ray Serve, alone or with rule components) while the learner (Ray Train workers running
+DeepSpeed) computes old-policy and reference logprobs (and values, PPO) -> advantages here -> clipped-ratio updates ->
 the new weights are published and every engine syncs to them. Samples whose judgement failed are dropped and
 counted (``judge/failures``), never scored 0. Everything goes to MLflow; checkpoints go to Ray Train storage.
 
@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rayalign import config as C  # noqa: E402
+from rayalign.weights import SyncPlan  # noqa: E402
 
 log = logging.getLogger("rayalign.ppo")
 
@@ -62,7 +63,7 @@ class PPOJobConfig:
     """Which prompts."""
     ray: C.RayConfig = C.RayConfig(num_cpus=8)
     """Which Ray. The local default has 8 logical CPUs whatever the cores: engines, judge and learner each hold
-    one, and they take turns rather than run at once."""
+    one, and they mostly take turns (only judging and the old-policy pass overlap)."""
     tracking: C.TrackingConfig = C.TrackingConfig(experiment="rayalign-ppo", sample_every=5)
     """Where results go."""
 
@@ -76,8 +77,7 @@ class PPOJobConfig:
         if self.algorithm.minibatch_size % per_step:
             raise C.ConfigError(f"algorithm.minibatch_size ({self.algorithm.minibatch_size}) must be a multiple of "
                                 f"learner.micro_batch_size x learner.num_workers ({per_step})")
-        full_weights = self.learner.finetune == "full" or self.learner.lora_sync == "merged"
-        if (self.learner.full_sync == "broadcast" and full_weights and self.learner.num_gpus_per_worker > 0
+        if (SyncPlan.for_learner(self.learner).route == "broadcast" and self.learner.num_gpus_per_worker > 0
                 and self.engine.num_gpus == 0):
             raise C.ConfigError("learner.full_sync=broadcast: a GPU learner broadcasts with NCCL, which cannot reach "
                                 "CPU engines (engine.num_gpus=0); use shared_memory")
@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.learner.group import Learner
     from rayalign.rollout.group import RolloutGroup
     from rayalign.tracking import Tracker
-    from rayalign.weights import SyncPlan
 
     algo, trainer = cfg.algorithm, cfg.trainer
     sync_plan = SyncPlan.for_learner(cfg.learner)  # what the learner sends the engines after each update, and how
@@ -193,14 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             with timed(times, "generate"):
                 rollouts = engines.generate(prompts, sampling)
             # The old-policy pass (logprobs, reference, values) does not depend on the scores: it runs on the
-            # learner while the judge scores. It is skipped when the step makes a single optimizer step and the
-            # advantages read no logprobs (GRPO/RLOO with the KL in the loss): the old policy is then the current
-            # one, and the learner computes the reference logprobs inside the training step (as TRL does with one
-            # iteration). Judging drops rows, never adds them, so this holds for the rows that remain too.
+            # learner while the judge scores, over every sample (judging may drop some; their rows are left out
+            # afterwards). It is not needed when the step makes a single optimizer step and the advantages read no
+            # logprobs (GRPO/RLOO with the KL in the loss): the old policy is then the current one, and the learner
+            # computes the reference logprobs inside the training step (as TRL does with one iteration).
             batch = pad_rollouts(rollouts)
-            single_pass = (algo.epochs == 1 and len(rollouts) <= algo.minibatch_size
-                           and not rl.needs_logprobs(algo))
-            t_old = time.perf_counter()
+            single_pass = algo.epochs == 1 and len(rollouts) <= algo.minibatch_size and not rl.needs_logprobs(algo)
             old_pass = None if single_pass else learner.forward_async(ray.put(batch), len(rollouts),
                                                                       cfg.sampling.temperature)
             with timed(times, "judge"):
@@ -236,21 +233,23 @@ def main(argv: list[str] | None = None) -> int:
             rollouts = [rollouts[i] for i in keep]
             judgements = [judgements[i] for i in keep]
             scores = torch.tensor([j.reward for j in judgements], dtype=torch.float32)
-            rows = torch.tensor(keep)
-            batch = {k: v[rows] for k, v in batch.items()}
+            batch, kept = kept_rows(batch, keep)
             mask = batch["response_mask"]
             plan = minibatch_plan(len(rollouts), algo.minibatch_size, cfg.learner.num_workers,
                                   cfg.learner.micro_batch_size, algo.epochs,
                                   torch.Generator().manual_seed(trainer.seed * 100_003 + step))
+            if old_pass is not None:
+                t_wait = time.perf_counter()
+                old = kept(old_pass.result())
+                # the step's wait for the pass beyond the judge's time, and the pass itself on the learner
+                times["time/logprobs"] = time.perf_counter() - t_wait
+                times["time/logprobs_pass"] = old["seconds"]
+                if len(plan) == 1 and not rl.needs_logprobs(algo):
+                    old_pass = None  # judging left one minibatch: the single pass after all, as without failures
             if old_pass is None:
                 times["time/logprobs"] = 0.0
                 adv = rl.advantages(algo, scores, mask, None, None, None, kl_ctl.value, group)
             else:
-                t_wait = time.perf_counter()
-                old = {k: None if v is None else v[rows] for k, v in old_pass.result().items()}
-                # what the step waited for it beyond the judge (the pass itself began with the judge)
-                times["time/logprobs"] = time.perf_counter() - t_wait
-                times["time/logprobs_total"] = time.perf_counter() - t_old
                 adv = rl.advantages(algo, scores, mask, old["logprobs"], old["ref_logprobs"], old["values"],
                                     kl_ctl.value, group)
                 batch.update(logprobs=old["logprobs"], ref_logprobs=old["ref_logprobs"])
@@ -329,6 +328,25 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v}" for k, v in paths.items()))
     ray.shutdown()
     return 0
+
+
+def kept_rows(batch: dict, keep: list[int]):
+    """The padded step ``batch`` cut to the rows ``keep`` that judging kept, and to their longest sequence and
+    response (the shapes `pad_rollouts` gives those rows alone), plus a function that cuts a `Learner.forward`
+    result of the same batch the same way."""
+    import torch
+
+    rows = torch.tensor(keep)
+    width = int(batch["attention_mask"][rows].sum(dim=1).max())
+    tokens = max(1, int(batch["response_mask"][rows].sum(dim=1).max()))
+    per_token = ("response_mask", "engine_logprobs")
+    cut = {k: v[rows][:, :tokens] if k in per_token else v[rows][:, :width] if v.dim() == 2 else v[rows]
+           for k, v in batch.items()}
+
+    def kept(old: dict) -> dict:
+        return {k: v if not isinstance(v, torch.Tensor) else v[rows][:, :tokens] for k, v in old.items()}
+
+    return cut, kept
 
 
 def _log_curves(tracker, history: list[dict[str, float]]) -> None:

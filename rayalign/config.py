@@ -166,8 +166,8 @@ def lora_rank_slot(rank: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     rank: int = 16
-    """LoRA rank r: one of vLLM's LoRA ranks (1, 8, 16, 32, 64, 128, 256, 320, 512), so the rollout engines can
-    load the adapter."""
+    """LoRA rank r: one of vLLM's LoRA ranks (`VLLM_LORA_RANKS`), so that the rollout engines can load the
+    adapter."""
     alpha: float = 32.0
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
     dropout: float = 0.0
@@ -386,6 +386,45 @@ class AlgorithmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    name: Literal["dpo", "ipo", "kto", "simpo"] = "dpo"
+    """"dpo": -log sigmoid of the implicit reward margin (with label_smoothing > 0: conservative DPO); "ipo": the
+    margin regressed to 1 / (2 beta); "kto": binary good/bad labels, one response per row; "simpo": reference-free,
+    length-normalised, with a target margin."""
+    beta: float = 0.1
+    """Strength of the implicit KL to the reference (dpo/ipo/kto: ~0.1); simpo's reward scale (its paper: 2-2.5)."""
+    label_smoothing: float = 0.0
+    """dpo only: the probability that a preference label is wrong (conservative DPO), in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """simpo only: the target reward margin between chosen and rejected."""
+    kto_desirable_weight: float = 1.0
+    """kto only: weight of the desirable (label 1) examples' loss."""
+    kto_undesirable_weight: float = 1.0
+    """kto only: weight of the undesirable (label 0) examples' loss."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    minibatch_size: int = 8
+    """Examples (pairs; rows for kto) per optimizer step, over all learner workers."""
+
+    def validate(self) -> None:
+        require_at_least("algorithm.epochs", self.epochs, 1)
+        require_at_least("algorithm.minibatch_size", self.minibatch_size, 1)
+        if self.beta <= 0:
+            raise ConfigError(f"algorithm.beta: expected a float > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"algorithm.label_smoothing: expected a float in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.name != "dpo":
+            raise ConfigError(f"algorithm.label_smoothing: conservative DPO is a form of dpo, not {self.name}")
+        if self.kto_desirable_weight <= 0 or self.kto_undesirable_weight <= 0:
+            raise ConfigError("algorithm.kto_desirable_weight and kto_undesirable_weight must be > 0")
+
+    @property
+    def paired(self) -> bool:
+        """Whether each example is a chosen/rejected pair (two rows) rather than one labelled response (kto)."""
+        return self.name != "kto"
+
+
+@dataclasses.dataclass(frozen=True)
 class LearnerConfig:
     finetune: Literal["lora", "full"] = "lora"
     """"lora": train a peft adapter (the reference is the base with the adapter off); "full": every weight (the
@@ -470,6 +509,37 @@ class TrainerConfig:
         require_at_least("trainer.prompts_per_step", self.prompts_per_step, 1)
         require_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
         require_at_least("trainer.max_failed_steps", self.max_failed_steps, 1)
+        if not self.storage_path:
+            raise ConfigError("trainer.storage_path: expected a directory or URI")
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineTrainerConfig:
+    """Steps, checkpoints and outputs of a job that trains on a fixed dataset (DPO and its kin)."""
+
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: after algorithm.epochs passes over the training examples)."""
+    seed: int = 0
+    """Seeds the example order and the learner."""
+    eval_every: int = 10
+    """Evaluate on the eval split every this many steps (0: only at the end)."""
+    checkpoint_every: int = 10
+    """Checkpoint every this many steps (0: only at the end)."""
+    storage_path: str = "./checkpoints"
+    """Where Ray Train keeps checkpoints: a local directory or a cloud URI (s3://, gs://)."""
+    run_name: str = ""
+    """Checkpoint folder under storage_path (empty: <algorithm>-<date>-<time>, or the latest one when resuming)."""
+    resume: bool = False
+    """Continue the run in storage_path/run_name (the latest run when run_name is empty) from its last checkpoint."""
+    resume_from: str = ""
+    """Start a new run from a chosen complete checkpoint, <storage>/<run>/checkpoint_<step>."""
+    output_dir: str = "./outputs"
+    """Where the final policy is saved in HF format (adapter and merged model), under <output_dir>/<run_name>."""
+
+    def validate(self) -> None:
+        require_at_least("trainer.max_steps", self.max_steps, 0)
+        require_at_least("trainer.eval_every", self.eval_every, 0)
+        require_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
         if not self.storage_path:
             raise ConfigError("trainer.storage_path: expected a directory or URI")
 

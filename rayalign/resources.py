@@ -42,7 +42,7 @@ def check_resources(needs: dict[str, float], address: str) -> None:
     if short:
         detail = ", ".join(f"{k}: needs {v:g}, has {h:g}" for k, (v, h) in short.items())
         raise ConfigError(f"the local Ray is too small for this job ({detail}); raise ray.num_cpus (logical CPUs "
-                          "may exceed the cores: the job's phases take turns) or lower the per-actor num_cpus")
+                          "may exceed the cores: the job's phases mostly take turns) or lower the per-actor num_cpus")
 
 
 def worker_env() -> dict[str, str]:

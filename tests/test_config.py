@@ -118,8 +118,8 @@ def test_redaction_hides_secrets_only():
 
 def _all_config_classes():
     job = load_job("sample.py")
-    seen, todo = [], [job.SampleConfig, load_job("ppo.py").PPOJobConfig, C.ModelConfig, C.RayConfig, C.TrackingConfig, C.SamplingConfig, C.EngineConfig,
-            C.LoraConfig]
+    seen, todo = [], [job.SampleConfig, load_job("ppo.py").PPOJobConfig, load_job("dpo.py").DPOJobConfig,
+                      C.ModelConfig, C.RayConfig, C.TrackingConfig, C.SamplingConfig, C.EngineConfig, C.LoraConfig]
     while todo:
         cls = todo.pop()
         if cls in seen:
@@ -210,6 +210,19 @@ def test_ppo_cross_field_rules(overrides, expected):
     job = load_job("ppo.py")
     with pytest.raises(C.ConfigError, match=re.escape(expected)):
         C.load_config(job.PPOJobConfig, None, overrides)
+
+
+def test_dpo_gpu_profile_and_cross_field_rules():
+    job = load_job("dpo.py")
+    gpu = C.load_config(job.DPOJobConfig, ROOT / "jobs" / "configs" / "dpo_gpu.yaml")
+    assert gpu.learner.num_workers * gpu.learner.num_gpus_per_worker == 4 and gpu.algorithm.name == "dpo"
+    for overrides, expected in ((["algorithm.minibatch_size=6"], "must be a multiple of learner.micro_batch_size"),
+                                (["algorithm.name=ipo", "algorithm.label_smoothing=0.1"], "a form of dpo, not ipo"),
+                                (["algorithm.beta=0"], "algorithm.beta: expected a float > 0"),
+                                (["data.eval_fraction=1"], "data.eval_fraction: expected a float in [0, 1)"),
+                                (["heldout.rule=nope"], "heldout.rule: unknown rule 'nope'")):
+        with pytest.raises(C.ConfigError, match=re.escape(expected)):
+            C.load_config(job.DPOJobConfig, None, overrides)
 
 
 def test_where_the_kl_goes_and_its_estimator_default_per_algorithm():

@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
-from rayalign.config import AlgorithmConfig, LearnerConfig, lora_rank_slot
-from rayalign.learner.objectives import (OBJECTIVES, Outputs, PolicyGradientSettings, clipped_policy_gradient,
-                                         objective, response_tokens, token_share)
+from rayalign.algorithms.preference import dpo_loss
+from rayalign.config import AlgorithmConfig, LearnerConfig, PreferenceConfig, lora_rank_slot
+from rayalign.learner.batch import pair_plan
+from rayalign.learner.objectives import (OBJECTIVES, Outputs, PolicyGradientSettings, PreferenceSettings,
+                                         chosen_rows, clipped_policy_gradient, objective, response_tokens,
+                                         token_share)
 from rayalign.weights import SyncPlan
 
 
@@ -42,9 +45,11 @@ def test_token_share_makes_micro_batch_means_the_minibatch_token_mean():
 def test_objectives_are_picked_by_name():
     assert OBJECTIVES["ppo"].head == "lm+value"
     assert OBJECTIVES["grpo"].head == OBJECTIVES["rloo"].head == "lm"
-    assert all(o.rows_per_example == 1 and o.needs_reference for o in OBJECTIVES.values())
+    assert all(OBJECTIVES[n].rows_per_example == 1 and OBJECTIVES[n].needs_reference for n in ("ppo", "grpo", "rloo"))
+    assert [OBJECTIVES[n].rows_per_example for n in ("dpo", "ipo", "simpo", "kto")] == [2, 2, 2, 1]
+    assert not OBJECTIVES["simpo"].needs_reference and OBJECTIVES["dpo"].needs_reference
     assert objective("grpo") is OBJECTIVES["grpo"]
-    with pytest.raises(ValueError, match="unknown objective 'dpo0'.*grpo, ppo, rloo"):
+    with pytest.raises(ValueError, match="unknown objective 'dpo0'.*dpo, grpo, ipo, kto, ppo, rloo, simpo"):
         objective("dpo0")
 
 
@@ -99,3 +104,53 @@ def test_lora_rank_slots():
     assert [lora_rank_slot(r) for r in (1, 2, 8, 12, 64, 65, 512)] == [1, 8, 8, 16, 64, 128, 512]
     with pytest.raises(ValueError, match="above vLLM's limit 512"):
         lora_rank_slot(513)
+
+
+def _pairs_micro_batch():
+    """Two real pairs and a padding pair: rows (chosen, rejected) x 3, T = 3."""
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.float64)
+    logprobs = torch.tensor([[-0.5, -0.5, -9.0], [-3.0, -9.0, -9.0], [-1.0, -1.0, -1.0], [-0.5, -1.0, -9.0],
+                             [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.5, -1.5, -2.0, -2.0, 0.0, 0.0], dtype=torch.float64)
+    return {"response_mask": mask, "ref_logps": ref}, logprobs
+
+
+def test_dpo_objective_averages_real_pairs_only():
+    mb, logprobs = _pairs_micro_batch()
+    settings = PreferenceSettings.from_config(PreferenceConfig(beta=0.1))
+    loss, normaliser, stats = OBJECTIVES["dpo"].loss(Outputs(logprobs), mb, settings)
+    # sequence logprobs: pair 1 (-1, -3), pair 2 (-3, -1.5); the padding pair is left out
+    f64 = dict(dtype=torch.float64)
+    expected, chosen, rejected = dpo_loss(torch.tensor([-1.0, -3.0], **f64), torch.tensor([-3.0, -1.5], **f64),
+                                          torch.tensor([-1.5, -2.0], **f64), torch.tensor([-1.5, -2.0], **f64),
+                                          beta=0.1)
+    assert normaliser == 2.0 and float(loss) == pytest.approx(float(expected.mean()), abs=1e-9)
+    assert float(stats["rewards/accuracy"]) == 0.5  # pair 1 prefers its chosen answer, pair 2 its rejected one
+    assert float(stats["rewards/margin"]) == pytest.approx(float((chosen - rejected).mean()), abs=1e-9)
+    assert float(stats["logps/chosen"]) == pytest.approx(-2.0)
+    loss.backward()
+    assert torch.all(logprobs.grad[4:] == 0) and torch.all(logprobs.grad[0, :2] < 0) and logprobs.grad[0, 2] == 0
+    assert chosen_rows(mb).tolist() == [1, 0, 1, 0, 0, 0]
+
+
+def test_kto_objective_by_rows():
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    logprobs = torch.tensor([[-0.5, -0.5], [-2.0, -9.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    mb = {"response_mask": mask, "ref_logps": torch.tensor([-1.5, -1.5, 0.0], dtype=torch.float64),
+          "label": torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)}
+    loss, normaliser, stats = OBJECTIVES["kto"].loss(Outputs(logprobs), mb, PreferenceSettings.from_config(
+        PreferenceConfig(name="kto", beta=0.1)))
+    # r = (0.5, -0.5): z0 = 0; both losses 1 - sigmoid(0.05)
+    assert normaliser == 2.0 and float(stats["kl"]) == 0.0
+    assert float(loss) == pytest.approx(1 - 1 / (1 + math.exp(-0.05)), abs=1e-12)
+    assert float(stats["rewards/accuracy"]) == 1.0
+
+
+def test_pair_plan_keeps_pairs_together():
+    plan = pair_plan(3, 2, 2, 1, 1, torch.Generator().manual_seed(0))
+    rows = sorted(r for mb in plan for rank in mb for micro in rank for r in micro if r >= 0)
+    assert rows == list(range(6))
+    for mb in plan:
+        for rank in mb:
+            for micro in rank:
+                assert len(micro) == 2 and (micro == [-1, -1] or (micro[0] % 2 == 0 and micro[1] == micro[0] + 1))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rayalign.data.prompts import DatasetError, PromptSet, dataset_path, fit_to_context, load_prompts
+from rayalign.data.prompts import DatasetError, PromptSet, dataset_path, drop_overlong_prompts, load_prompts
 
 
 def test_shipped_vegetarian_sets():
@@ -72,7 +72,7 @@ class _WordTokenizer:
 
 def test_prompts_too_long_for_the_engines_are_skipped_and_counted():
     prompts = PromptSet(prompts=("one two", "one two three four five", "one"), source="p.jsonl", skipped=1)
-    fitted = fit_to_context(prompts, _WordTokenizer(), max_prompt_tokens=5)
+    fitted = drop_overlong_prompts(prompts, _WordTokenizer(), max_prompt_tokens=5)
     assert fitted.prompts == ("one two", "one") and fitted.skipped == 2
     with pytest.raises(DatasetError, match="every prompt is longer than 3 tokens"):
-        fit_to_context(prompts, _WordTokenizer(), max_prompt_tokens=3)
+        drop_overlong_prompts(prompts, _WordTokenizer(), max_prompt_tokens=3)

@@ -108,7 +108,6 @@ def drop_overlong_prompts(prompts: PromptSet, tokenizer: Any, max_prompt_tokens:
     return dataclasses.replace(prompts, prompts=kept, skipped=prompts.skipped + dropped)
 
 
-fit_to_context = drop_overlong_prompts  # the former name, still imported by jobs/ppo.py and tests
 
 
 def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> list[int]:

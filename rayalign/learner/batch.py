@@ -103,6 +103,15 @@ def minibatch_plan(num_samples: int, minibatch_size: int, num_workers: int, micr
     return plan
 
 
+def pair_plan(num_pairs: int, minibatch_size: int, num_workers: int, micro_batch_size: int, epochs: int,
+              generator: torch.Generator) -> list[list[list[list[int]]]]:
+    """`minibatch_plan` over pairs whose rows are ``2p`` (chosen) and ``2p + 1`` (rejected): sizes count pairs, and
+    both rows of a pair land in the same micro-batch, next to each other (a padding pair is two -1 rows)."""
+    plan = minibatch_plan(num_pairs, minibatch_size, num_workers, micro_batch_size, epochs, generator)
+    return [[[[row for p in micro for row in ((2 * p, 2 * p + 1) if p >= 0 else (-1, -1))] for micro in rank]
+             for rank in minibatch] for minibatch in plan]
+
+
 def select_rows(batch: dict[str, torch.Tensor], rows: Sequence[int]) -> dict[str, torch.Tensor]:
     """Rows of every (B, ...) tensor in ``batch``; index -1 gives an all-zero row (masked out everywhere)."""
     index = torch.tensor([max(r, 0) for r in rows], dtype=torch.long)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rayalign.learner.model import TrainedModel
 
@@ -64,11 +64,12 @@ def drain(weights: Iterator[Any]) -> None:
         pass
 
 
-def publish_to_store(model: TrainedModel, rank: int, store: Any, version: int, format: str,
+def publish_to_store(model: TrainedModel, rank: int, store: Callable[[], Any], version: int, format: str,
                      engine_dtype: Any) -> int:
-    """Publish the policy as ``version`` into the `WeightStore` actor ``store``: its adapter files
+    """Publish the policy as ``version`` into the `WeightStore` actor that ``store()`` returns: its adapter files
     (``format`` "adapter") or its full weights in shared-memory buckets ("full"). Every rank calls this (ZeRO-3
-    gathers); rank 0 publishes and returns the bytes, the others 0."""
+    gathers); rank 0 publishes and returns the bytes, the others 0. The store is looked up once the weights are
+    out, so a failed lookup leaves no rank inside a gather."""
     import ray
 
     from rayalign.weights.store import adapter_payload, full_payload
@@ -87,7 +88,7 @@ def publish_to_store(model: TrainedModel, rank: int, store: Any, version: int, f
         published = full_payload(version, export_weights(model), dtype=engine_dtype)
     else:
         raise ValueError(f"cannot publish weights in format {format!r} (expected 'adapter' or 'full')")
-    ray.get(store.publish.remote(published))
+    ray.get(store().publish.remote(published))
     return published.nbytes
 
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from rayalign.config import AlgorithmConfig, LearnerConfig, LoraConfig
+from rayalign.config import AlgorithmConfig, LearnerConfig, LoraConfig, PreferenceConfig
 
 
 class LearnerError(RuntimeError):
@@ -82,7 +82,8 @@ class Learner:
     (`rayalign.learner.objectives.OBJECTIVES`; default: the algorithm's name).
     """
 
-    def __init__(self, model_path: str, *, learner: LearnerConfig, lora: LoraConfig, algorithm: AlgorithmConfig,
+    def __init__(self, model_path: str, *, learner: LearnerConfig, lora: LoraConfig,
+                 algorithm: AlgorithmConfig | PreferenceConfig,
                  storage_path: str, run_name: str, seed: int, resume_from: str | None = None,
                  objective: str | None = None, command_timeout_s: float = 3600.0):
         import ray
@@ -131,28 +132,34 @@ class Learner:
         ``reference_params_on_rank`` (those of the frozen reference of a full finetune, sharded too under ZeRO-3)."""
         return self._call("setup")[0]
 
-    def forward(self, batch_ref: Any, num_rows: int, temperature: float) -> dict[str, Any]:
-        """Old logprobs, reference logprobs and values for every row, computed by all ranks in parallel."""
-        return self.forward_async(batch_ref, num_rows, temperature).result()
+    def forward(self, batch_ref: Any, num_rows: int, temperature: float, policy: bool = True) -> dict[str, Any]:
+        """Old logprobs, reference logprobs and values for every row, computed by all ranks in parallel
+        (``policy=False``: the reference's logprobs alone), and ``seconds``, the slowest rank's pass."""
+        return self.forward_async(batch_ref, num_rows, temperature, policy).result()
 
-    def forward_async(self, batch_ref: Any, num_rows: int, temperature: float) -> "PendingCommand":
+    def forward_async(self, batch_ref: Any, num_rows: int, temperature: float,
+                      policy: bool = True) -> "PendingCommand":
         """`forward`, started: the driver does other work (judging) meanwhile, then takes ``.result()``."""
         shards = [list(range(num_rows))[r::self.world_size] for r in range(self.world_size)]
         # every rank runs as many forward passes (padding rows, -1, fill the short shards): under ZeRO-3 each
         # forward gathers the weights from all ranks, so a rank with one micro-batch fewer would hang the others
         padded = [rows + [-1] * (len(shards[0]) - len(rows)) for rows in shards]
-        pending = self._submit("forward", [{"batch_ref": batch_ref, "rows": rows, "temperature": temperature}
-                                           for rows in padded])
-        return dataclasses.replace(
-            pending, gather=lambda replies: _in_row_order(replies, shards, ("logprobs", "ref_logprobs", "values")))
+        pending = self._submit("forward", [{"batch_ref": batch_ref, "rows": rows, "temperature": temperature,
+                                            "policy": policy} for rows in padded])
+        def gather(replies: list[dict[str, Any]]) -> dict[str, Any]:
+            out = _in_row_order(replies, shards, ("logprobs", "ref_logprobs", "values"))
+            return {**out, "seconds": max(r["seconds"] for r in replies)}  # the slowest rank's pass
 
-    def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float,
-              single_pass: bool = False) -> tuple[dict[str, float], dict[str, Any] | None]:
-        """One step's updates. Returns the statistics averaged over ranks (token-weighted) and, with
-        ``single_pass`` (see `LearnerWorker.train`), the ``logprobs`` and ``ref_logprobs`` of every row in row
-        order, as `forward` would have given them; otherwise None."""
+        return dataclasses.replace(pending, gather=gather)
+
+    def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float = 0.0,
+              single_pass: bool = False, update: bool = True) -> tuple[dict[str, float], dict[str, Any] | None]:
+        """One step's updates. Returns the statistics averaged over ranks (weighted by the objective's units:
+        tokens, pairs) and, with ``single_pass`` (see `LearnerWorker.train`), the ``logprobs`` and ``ref_logprobs``
+        of every row in row order, as `forward` would have given them; otherwise None. ``update=False``: the
+        statistics alone, no gradients (evaluation)."""
         replies = self._call("train", batch_ref=batch_ref, plan=plan, temperature=temperature, kl_coef=kl_coef,
-                             single_pass=single_pass)
+                             single_pass=single_pass, update=update)
         seen = None
         if single_pass:
             seen = _in_row_order(replies, [r.pop("rows") for r in replies], ("logprobs", "ref_logprobs"))

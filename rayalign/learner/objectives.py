@@ -19,7 +19,8 @@ import torch
 from rayalign.algorithms.core import masked_mean
 from rayalign.algorithms.kl import kl_estimate
 from rayalign.algorithms.ppo import entropy_from_logits, policy_loss, value_loss
-from rayalign.config import AlgorithmConfig
+from rayalign.algorithms.preference import dpo_loss, ipo_loss, kto_loss, simpo_loss
+from rayalign.config import AlgorithmConfig, PreferenceConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +47,8 @@ class Objective:
     row_weights: Callable[[dict[str, torch.Tensor]], torch.Tensor]
     """batch -> (B,) what each row counts for in the minibatch mean (0 for padding rows)."""
     loss: LossFn
-    settings: Callable[[AlgorithmConfig, float], Any]
-    """(algorithm config, this step's KL coefficient) -> the ``settings`` its loss takes."""
+    settings: Callable[[Any, float], Any]
+    """(the job's algorithm section, this step's KL coefficient) -> the ``settings`` its loss takes."""
 
 
 def token_share(normaliser: float, minibatch_normaliser: float, accumulation: int, world_size: int) -> float:
@@ -119,10 +120,109 @@ def _policy_gradient(name: str, head: Literal["lm", "lm+value"]) -> Objective:
                      loss=clipped_policy_gradient, settings=PolicyGradientSettings.from_algorithm)
 
 
+# -- offline preferences ------------------------------------------------------------------------------------
+# Pairs sit in consecutive rows, chosen at 2i and rejected at 2i + 1 (`rayalign.learner.batch.pair_plan` keeps
+# them in one micro-batch); a padding pair has no response tokens. The reference's per-sequence logprobs come with
+# the rows (``mb["ref_logps"]``, (B,)), computed once before training.
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceSettings:
+    beta: float
+    label_smoothing: float
+    simpo_gamma: float
+    kto_desirable_weight: float
+    kto_undesirable_weight: float
+
+    @classmethod
+    def from_config(cls, algo: PreferenceConfig, kl_coef: float = 0.0) -> "PreferenceSettings":
+        return cls(beta=algo.beta, label_smoothing=algo.label_smoothing, simpo_gamma=algo.simpo_gamma,
+                   kto_desirable_weight=algo.kto_desirable_weight,
+                   kto_undesirable_weight=algo.kto_undesirable_weight)
+
+
+def answered_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) 1 for a row with a response (a kto example), 0 for padding."""
+    return (batch["response_mask"].sum(dim=1) > 0).to(torch.float32)
+
+
+def chosen_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) 1 on the chosen row of each real pair, 0 elsewhere: a pair counts once."""
+    weights = answered_rows(batch)
+    weights[1::2] = 0.0
+    return weights
+
+
+def _mean(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    return (x * real).sum() / real.sum().clamp(min=1.0)
+
+
+def _pair_loss(outputs: Outputs, mb: dict[str, torch.Tensor], losses_of: Callable) -> tuple:
+    """Split (2P,) sequence logprobs into pairs, apply ``losses_of(chosen, rejected, ref_chosen, ref_rejected,
+    lengths_chosen, lengths_rejected) -> (losses, chosen_rewards, rejected_rewards)`` (all (P,)), and average
+    over the real pairs."""
+    mask = mb["response_mask"]
+    logps = (outputs.logprobs * mask).sum(dim=1)
+    lengths = mask.sum(dim=1)
+    ref = mb.get("ref_logps", torch.zeros_like(logps))
+    real = (lengths[0::2] > 0).to(logps.dtype)
+    losses, chosen, rejected = losses_of(logps[0::2], logps[1::2], ref[0::2], ref[1::2], lengths[0::2],
+                                         lengths[1::2])
+    loss = _mean(losses, real)
+    stats = {"loss": loss.detach(), "rewards/chosen": _mean(chosen, real), "rewards/rejected": _mean(rejected, real),
+             "rewards/accuracy": _mean((chosen > rejected).to(logps.dtype), real),
+             "rewards/margin": _mean(chosen - rejected, real), "logps/chosen": _mean(logps[0::2].detach(), real),
+             "logps/rejected": _mean(logps[1::2].detach(), real)}
+    return loss, float(real.sum()), stats
+
+
+def dpo_objective(outputs: Outputs, mb: dict[str, torch.Tensor], settings: PreferenceSettings) -> tuple:
+    return _pair_loss(outputs, mb, lambda c, r, rc, rr, lc, lr: dpo_loss(c, r, rc, rr, settings.beta,
+                                                                         settings.label_smoothing))
+
+
+def ipo_objective(outputs: Outputs, mb: dict[str, torch.Tensor], settings: PreferenceSettings) -> tuple:
+    return _pair_loss(outputs, mb, lambda c, r, rc, rr, lc, lr: ipo_loss(c, r, rc, rr, settings.beta))
+
+
+def simpo_objective(outputs: Outputs, mb: dict[str, torch.Tensor], settings: PreferenceSettings) -> tuple:
+    return _pair_loss(outputs, mb, lambda c, r, rc, rr, lc, lr: simpo_loss(c, r, lc, lr, settings.beta,
+                                                                           settings.simpo_gamma))
+
+
+def kto_objective(outputs: Outputs, mb: dict[str, torch.Tensor], settings: PreferenceSettings) -> tuple:
+    """KTO on single labelled rows (``mb["label"]`` (B,), 1 = desirable); the reference point is this
+    micro-batch's mean log-ratio over its real rows (clamped at 0, no gradient)."""
+    mask = mb["response_mask"]
+    logps = (outputs.logprobs * mask).sum(dim=1)
+    real = answered_rows(mb).to(logps.dtype)
+    ratio = (logps - mb["ref_logps"]).detach()
+    z0 = _mean(ratio, real).clamp(min=0.0)
+    desirable = mb["label"] > 0.5
+    losses, rewards, _ = kto_loss(logps, mb["ref_logps"], desirable, settings.beta, settings.kto_desirable_weight,
+                                  settings.kto_undesirable_weight, reference_point=z0)
+    good, bad = real * desirable, real * ~desirable
+    loss = _mean(losses, real)
+    stats = {"loss": loss.detach(), "rewards/desirable": _mean(rewards, good),
+             "rewards/undesirable": _mean(rewards, bad), "kl": z0,
+             "rewards/accuracy": _mean(((rewards > 0) == desirable).to(logps.dtype), real)}
+    return loss, float(real.sum()), stats
+
+
+def _preference(name: str, loss: LossFn, paired: bool = True, needs_reference: bool = True) -> Objective:
+    return Objective(name=name, head="lm", rows_per_example=2 if paired else 1, needs_reference=needs_reference,
+                     row_weights=chosen_rows if paired else answered_rows, loss=loss,
+                     settings=PreferenceSettings.from_config)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "ppo": _policy_gradient("ppo", "lm+value"),  # advantages from GAE over the value head's estimates
     "grpo": _policy_gradient("grpo", "lm"),  # group-normalised advantages, no critic
     "rloo": _policy_gradient("rloo", "lm"),  # leave-one-out baselines, no critic
+    "dpo": _preference("dpo", dpo_objective),
+    "ipo": _preference("ipo", ipo_objective),
+    "simpo": _preference("simpo", simpo_objective, needs_reference=False),
+    "kto": _preference("kto", kto_objective, paired=False),
 }
 
 

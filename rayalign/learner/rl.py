@@ -14,10 +14,6 @@ from rayalign.algorithms.kl import kl_estimate, kl_shaped_rewards
 from rayalign.config import AlgorithmConfig
 
 
-GROUP_BASELINES = {"grpo": grpo_advantages, "rloo": rloo_advantages}
-"""Sequence-level advantage estimators by algorithm name: (scores (B,), group size) -> (B,)."""
-
-
 def needs_logprobs(algo: AlgorithmConfig) -> bool:
     """Whether `advantages` reads the old-policy and reference logprobs (PPO always: values and KL-shaped
     rewards; GRPO / RLOO only with the KL in the reward)."""
@@ -42,22 +38,38 @@ def advantages(algo: AlgorithmConfig, scores: torch.Tensor, mask: torch.Tensor, 
     """
     if needs_logprobs(algo) and (logprobs is None or ref_logprobs is None):
         raise ValueError(f"{algo.name} with the KL in the reward needs the old-policy and reference logprobs")
-    reward_kl_coef = 0.0 if algo.kl_in_loss else kl_coef
-    if algo.name == "ppo":
-        kl = token_kl(algo, logprobs, ref_logprobs, mask)
-        if values is None:
-            raise ValueError("PPO needs the value head's values")
-        token_rewards = kl_shaped_rewards(scores, kl, mask, reward_kl_coef)
-        adv, returns = gae(token_rewards, values, mask, algo.gamma, algo.lam)
-        if algo.whiten_advantages:
-            adv = masked_whiten(adv, mask)
-        return {"advantages": adv, "returns": returns}
-    shaped = scores
-    if not algo.kl_in_loss:
-        shaped = scores - reward_kl_coef * token_kl(algo, logprobs, ref_logprobs, mask).sum(dim=1)
-    if algo.name not in GROUP_BASELINES:
+    if algo.name not in ESTIMATORS:
         raise ValueError(f"unknown algorithm {algo.name!r}")
-    return {"advantages": GROUP_BASELINES[algo.name](shaped, group_size)[:, None] * mask}
+    reward_kl_coef = 0.0 if algo.kl_in_loss else kl_coef
+    return ESTIMATORS[algo.name](algo, scores, mask, logprobs, ref_logprobs, values, reward_kl_coef, group_size)
+
+
+def _gae(algo: AlgorithmConfig, scores, mask, logprobs, ref_logprobs, values, reward_kl_coef: float,
+         group_size: int) -> dict[str, torch.Tensor]:
+    """PPO: KL-shaped token rewards, GAE over the value head's estimates, whitening."""
+    kl = token_kl(algo, logprobs, ref_logprobs, mask)
+    if values is None:
+        raise ValueError("PPO needs the value head's values")
+    token_rewards = kl_shaped_rewards(scores, kl, mask, reward_kl_coef)
+    adv, returns = gae(token_rewards, values, mask, algo.gamma, algo.lam)
+    if algo.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    return {"advantages": adv, "returns": returns}
+
+
+def _group_baseline(baseline):
+    """GRPO / RLOO: ``baseline(scores (B,), group_size) -> (B,)`` on the (KL-shaped) scores, for every token."""
+    def estimate(algo: AlgorithmConfig, scores, mask, logprobs, ref_logprobs, values, reward_kl_coef: float,
+                 group_size: int) -> dict[str, torch.Tensor]:
+        shaped = scores
+        if not algo.kl_in_loss:
+            shaped = scores - reward_kl_coef * token_kl(algo, logprobs, ref_logprobs, mask).sum(dim=1)
+        return {"advantages": baseline(shaped, group_size)[:, None] * mask}
+    return estimate
+
+
+ESTIMATORS = {"ppo": _gae, "grpo": _group_baseline(grpo_advantages), "rloo": _group_baseline(rloo_advantages)}
+"""Advantage estimators by algorithm name (see `advantages`)."""
 
 
 def sequence_kl(kl: torch.Tensor, mask: torch.Tensor) -> float:

@@ -24,13 +24,15 @@ class LearnerWorker:
         import torch
 
         from rayalign.config import AlgorithmConfig, LearnerConfig
-        from rayalign.learner import model as M
+        from rayalign.learner.model import build
         from rayalign.learner.objectives import objective
 
         self.spec = spec
         self.learner: LearnerConfig = spec["learner"]
         self.algo: AlgorithmConfig = spec["algorithm"]
         self.objective = objective(spec.get("objective") or self.algo.name)
+        if self.objective.head == "classifier":
+            raise NotImplementedError(f"objective {self.objective.name}: the learner builds no classifier head yet")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         if ctx.get_local_rank() == 0:
@@ -41,7 +43,7 @@ class LearnerWorker:
             threads = self.learner.torch_threads or max(1, (os.cpu_count() or 1) // self.learner.num_workers)
             torch.set_num_threads(threads)
         torch.manual_seed(spec["seed"] + self.rank)
-        self.model = M.build(spec["model_path"], self.learner, spec["lora"], self.algo.minibatch_size, self.world,
+        self.model = build(spec["model_path"], self.learner, spec["lora"], self.algo.minibatch_size, self.world,
                              value_head=self.objective.head == "lm+value",
                              with_reference=self.objective.needs_reference)
         self.device = self.model.device
@@ -71,15 +73,16 @@ class LearnerWorker:
                 "params_on_rank": sum(getattr(p, "ds_tensor", p).numel() for p in params),
                 "reference_params_on_rank": sum(getattr(p, "ds_tensor", p).numel() for p in reference)}
 
-    def forward(self, batch_ref: Any, rows: list[int], temperature: float) -> dict[str, Any]:
+    def forward(self, batch_ref: Any, rows: list[int], temperature: float, policy: bool = True) -> dict[str, Any]:
         """Old-policy logprobs, reference logprobs and values (B_rank, T) for ``rows`` of the batch (those >= 0;
-        -1 rows are padding, computed and dropped), no gradients."""
+        -1 rows are padding, computed and dropped), no gradients. ``policy=False``: the reference's alone."""
         import ray
         import torch
 
         from rayalign.learner.batch import select_rows
         from rayalign.learner.model import policy_forward, reference_logprobs
 
+        t0 = time.perf_counter()
         batch = ray.get(batch_ref)
         out: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": []}
         micro = self.learner.micro_batch_size
@@ -87,18 +90,20 @@ class LearnerWorker:
         with torch.no_grad():
             for start in range(0, len(rows), micro):
                 mb = select_rows(batch, rows[start:start + micro])
-                logprobs, values, _ = policy_forward(self.model, mb, temperature)
-                out["logprobs"].append(logprobs.float().cpu())
+                if policy:
+                    logprobs, values, _ = policy_forward(self.model, mb, temperature)
+                    out["logprobs"].append(logprobs.float().cpu())
+                    if values is not None:
+                        out["values"].append(values.cpu())
                 if self.objective.needs_reference:
                     out["ref_logprobs"].append(reference_logprobs(self.model, mb, temperature).float().cpu())
-                if values is not None:
-                    out["values"].append(values.cpu())
         self.model.engine.train()
         real = torch.tensor([r >= 0 for r in rows], dtype=torch.bool)
-        return {k: torch.cat(v)[real] if v else None for k, v in out.items()}
+        return {**{k: torch.cat(v)[real] if v else None for k, v in out.items()},
+                "seconds": time.perf_counter() - t0}
 
     def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float,
-              single_pass: bool = False) -> dict[str, Any]:
+              single_pass: bool = False, update: bool = True) -> dict[str, Any]:
         """Updates over the driver's plan (``plan[minibatch][rank][micro]`` = row indices) with this learner's
         objective: each micro-batch's mean loss is scaled by its share of the minibatch (`token_share`), so one
         optimizer step minimises the mean over the whole minibatch, padding rows included as zeros.
@@ -108,6 +113,8 @@ class LearnerWorker:
         its logprobs are this pass's own, detached (ratio 1, the gradient unchanged), and the reference
         logprobs are computed here, micro-batch by micro-batch. The reply adds ``rows``, ``logprobs`` and
         ``ref_logprobs`` (this rank's rows, as `forward` would have returned them) for the driver's KL figures.
+
+        ``update=False``: the same pass and statistics without gradients or optimizer steps (evaluation).
         """
         import ray
         import torch
@@ -135,7 +142,8 @@ class LearnerWorker:
                 if single_pass and objective.needs_reference:
                     with torch.no_grad():
                         mb["ref_logprobs"] = reference_logprobs(self.model, mb, temperature)
-                logprobs, values, logits = policy_forward(self.model, mb, temperature)
+                with torch.set_grad_enabled(update):
+                    logprobs, values, logits = policy_forward(self.model, mb, temperature)
                 if single_pass:
                     mb["logprobs"] = logprobs.detach()
                     real = [i for i, r in enumerate(micro_rows) if r >= 0]
@@ -143,18 +151,20 @@ class LearnerWorker:
                     seen["logprobs"].append(mb["logprobs"][real].float().cpu())
                     if "ref_logprobs" in mb:
                         seen["ref_logprobs"].append(mb["ref_logprobs"][real].float().cpu())
-                loss, units, stats = objective.loss(Outputs(logprobs, logits, values), mb, settings)
-                engine.backward(loss * token_share(units, minibatch_units, accumulation, self.world))
-                engine.step()
+                with torch.set_grad_enabled(update):
+                    loss, units, stats = objective.loss(Outputs(logprobs, logits, values), mb, settings)
+                if update:
+                    engine.backward(loss * token_share(units, minibatch_units, accumulation, self.world))
+                    engine.step()
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * units
                 seen_units += units
-            norm = engine.get_global_grad_norm()
+            norm = engine.get_global_grad_norm() if update else None
             if norm is not None:
                 grad_norms.append(float(norm))
         out = {k: v / seen_units for k, v in sums.items()} if seen_units else {}
-        out["tokens"] = seen_units
-        out["optimizer_steps"] = float(len(plan))
+        out["tokens"] = seen_units  # the objective's units: response tokens, pairs or examples
+        out["optimizer_steps"] = float(len(plan)) if update else 0.0
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = float(engine.get_lr()[0])
@@ -189,8 +199,8 @@ class LearnerWorker:
         from rayalign.learner.export import publish_to_store
 
         t0 = time.perf_counter()
-        store = ray.get_actor(store_name, namespace=namespace) if self.rank == 0 else None
-        sent = publish_to_store(self.model, self.rank, store, version, format, _torch_dtype(dtype))
+        sent = publish_to_store(self.model, self.rank, lambda: ray.get_actor(store_name, namespace=namespace),
+                                version, format, _torch_dtype(dtype))
         return {"seconds": time.perf_counter() - t0, "bytes": sent} if self.rank == 0 else {}
 
     def broadcast(self, version: int, dtype: str) -> dict[str, Any]:
