@@ -86,7 +86,7 @@ class HeldOutConfig:
 class DPOJobConfig:
     model: C.ModelConfig = C.ModelConfig()
     """The policy to align (and the reference: its starting point)."""
-    algorithm: C.PreferenceConfig = C.PreferenceConfig(beta=0.1, epochs=2, minibatch_size=8)
+    algorithm: C.PreferenceConfig = C.PreferenceConfig(beta=0.1, epochs=1, minibatch_size=8)
     """Which preference objective, and its settings."""
     learner: C.LearnerConfig = C.LearnerConfig(lr=5e-4, micro_batch_size=4)
     """Ray Train + DeepSpeed learner (micro_batch_size counts examples: a pair is two sequences)."""
@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
 
     status = "FINISHED"
     first = last = None
+    eval_metrics: dict[str, float] = {}
+    evaluated_at = -1
     try:
         labels = [e.label for e in train.examples]
         for step in range(state["step"] + 1, total_steps + 1):
@@ -254,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
                      total_steps, epoch + 1, stats.get("loss", float("nan")), stats.get("rewards/accuracy", 0.0),
                      stats.get("rewards/margin", 0.0), seconds, tokens / seconds)
             if eval_rows and trainer.eval_every and step % trainer.eval_every == 0:
-                evaluate(step)
+                eval_metrics, evaluated_at = evaluate(step), step
             if trainer.checkpoint_every and step % trainer.checkpoint_every == 0:
                 checkpoint(step)
-        eval_metrics = evaluate(total_steps) if eval_rows else {}
+        if eval_rows and evaluated_at != total_steps:
+            eval_metrics = evaluate(total_steps)
         if last_checkpoint < total_steps:
             checkpoint(total_steps)
         output = Path(trainer.output_dir).expanduser().resolve() / run_name
@@ -313,7 +316,8 @@ def heldout_summary(cfg: DPOJobConfig, model_path: str, paths: dict[str, str], t
                                     cfg.engine.max_model_len - sampling.max_new_tokens).prompts
     base = ResolvedModel("base", model_path, "base", cfg.model.name)
     with tempfile.TemporaryDirectory() as downloads:
-        aligned = resolve_model_spec(paths.get("adapter") or paths["merged"], Path(downloads), what="aligned")
+        # the merged model on engines of its own: vLLM's CPU LoRA kernels decode several times slower than the base
+        aligned = resolve_model_spec(paths["merged"], Path(downloads), what="aligned")
         aligned = dataclasses.replace(aligned, label="aligned")
         rollouts, times = generate_all(base, [aligned], prompts, cfg.model, cfg.engine, sampling)
     rule = RULES[cfg.heldout.rule]
