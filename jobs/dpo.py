@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_ref = reference_logps(eval_rows) if needs_reference and eval_rows else None
     tracker.log_metrics({"time/reference_pass": time.perf_counter() - t0}, step=state["step"])
     per_epoch = math.ceil(len(train_rows) / algo.minibatch_size)
-    total_steps = trainer.max_steps or per_epoch * algo.epochs
+    total_steps = trainer.total_steps or per_epoch * algo.epochs
     last_checkpoint = state["step"] if resume_from and not fork else -1
     plan_fn = pair_plan if algo.paired else minibatch_plan
 

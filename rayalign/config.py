@@ -480,50 +480,12 @@ class LearnerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainerConfig:
-    total_steps: int = 10
-    """RL steps (generate, judge, train, sync) to run, counting steps done before a resume."""
-    prompts_per_step: int = 16
-    """Prompts per step; the batch is prompts_per_step * sampling.n responses."""
+class RunConfig:
+    """What every training job keeps the same way: its seed, checkpoints, resume and outputs."""
+
     seed: int = 0
-    """Seeds the prompt order, sampling and the learner."""
+    """Seeds the data order, sampling and the learner."""
     checkpoint_every: int = 5
-    """Checkpoint every this many steps (0: only at the end)."""
-    max_failed_steps: int = 3
-    """Steps in a row whose judging left too few samples to train on before the job stops (a judge that is down
-    for good), checkpointing the last finished step first."""
-    storage_path: str = "./checkpoints"
-    """Where Ray Train keeps checkpoints: a local directory or a cloud URI (s3://, gs://)."""
-    run_name: str = ""
-    """Checkpoint folder under storage_path (empty: ppo-<date>-<time>, or the latest one when resuming)."""
-    resume: bool = False
-    """Continue the run in storage_path/run_name (the latest run when run_name is empty) from its last checkpoint."""
-    resume_from: str = ""
-    """Start a new run (run_name, or a fresh name) from a chosen complete checkpoint,
-    <storage>/<run>/checkpoint_<step>: its weights, optimizer, KL coefficient, step counter and prompt order."""
-    output_dir: str = "./outputs"
-    """Where the final policy is saved in HF format (adapter and merged model), under <output_dir>/<run_name>."""
-
-    def validate(self) -> None:
-        require_at_least("trainer.total_steps", self.total_steps, 1)
-        require_at_least("trainer.prompts_per_step", self.prompts_per_step, 1)
-        require_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
-        require_at_least("trainer.max_failed_steps", self.max_failed_steps, 1)
-        if not self.storage_path:
-            raise ConfigError("trainer.storage_path: expected a directory or URI")
-
-
-@dataclasses.dataclass(frozen=True)
-class OfflineTrainerConfig:
-    """Steps, checkpoints and outputs of a job that trains on a fixed dataset (DPO and its kin)."""
-
-    max_steps: int = 0
-    """Stop after this many optimizer steps (0: after algorithm.epochs passes over the training examples)."""
-    seed: int = 0
-    """Seeds the example order and the learner."""
-    eval_every: int = 10
-    """Evaluate on the eval split every this many steps (0: only at the end)."""
-    checkpoint_every: int = 10
     """Checkpoint every this many steps (0: only at the end)."""
     storage_path: str = "./checkpoints"
     """Where Ray Train keeps checkpoints: a local directory or a cloud URI (s3://, gs://)."""
@@ -532,16 +494,52 @@ class OfflineTrainerConfig:
     resume: bool = False
     """Continue the run in storage_path/run_name (the latest run when run_name is empty) from its last checkpoint."""
     resume_from: str = ""
-    """Start a new run from a chosen complete checkpoint, <storage>/<run>/checkpoint_<step>."""
+    """Start a new run (run_name, or a fresh name) from a chosen complete checkpoint,
+    <storage>/<run>/checkpoint_<step>: its weights, optimizer, step counter and data order."""
     output_dir: str = "./outputs"
     """Where the final policy is saved in HF format (adapter and merged model), under <output_dir>/<run_name>."""
 
     def validate(self) -> None:
-        require_at_least("trainer.max_steps", self.max_steps, 0)
-        require_at_least("trainer.eval_every", self.eval_every, 0)
         require_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
         if not self.storage_path:
             raise ConfigError("trainer.storage_path: expected a directory or URI")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig(RunConfig):
+    """The RL loop: how many steps of how many prompts."""
+
+    total_steps: int = 10
+    """RL steps (generate, judge, train, sync) to run, counting steps done before a resume."""
+    prompts_per_step: int = 16
+    """Prompts per step; the batch is prompts_per_step * sampling.n responses."""
+    max_failed_steps: int = 3
+    """Steps in a row whose judging left too few samples to train on before the job stops (a judge that is down
+    for good), checkpointing the last finished step first."""
+
+    def validate(self) -> None:
+        super().validate()
+        require_at_least("trainer.total_steps", self.total_steps, 1)
+        require_at_least("trainer.prompts_per_step", self.prompts_per_step, 1)
+        require_at_least("trainer.max_failed_steps", self.max_failed_steps, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineTrainerConfig(RunConfig):
+    """Steps and evaluation of a job that trains on a fixed dataset (DPO and its kin)."""
+
+    total_steps: int = 0
+    """Optimizer steps to run, counting steps done before a resume (0: algorithm.epochs passes over the training
+    examples)."""
+    eval_every: int = 10
+    """Evaluate on the eval split every this many steps (0: only at the end)."""
+    checkpoint_every: int = 10
+    """Checkpoint every this many steps (0: only at the end)."""
+
+    def validate(self) -> None:
+        super().validate()
+        require_at_least("trainer.total_steps", self.total_steps, 0)
+        require_at_least("trainer.eval_every", self.eval_every, 0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -742,6 +740,13 @@ def validate(config: Any) -> None:
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass (``name: type = default`` then ``\"\"\"doc\"\"\"``)."""
+    docs: dict[str, str] = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # a subclass's doc wins
+        docs.update(_own_field_docs(base))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}

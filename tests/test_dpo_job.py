@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_job
+from conftest import ROOT, load_job, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def test_dpo_two_steps_then_killed_and_resumed_exactly(tmp_path):
     args = [*SMALL, "trainer.checkpoint_every=1", "trainer.eval_every=2", "trainer.run_name=dpo-run",
-            "trainer.max_steps=3"]
+            "trainer.total_steps=3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
@@ -53,7 +53,7 @@ def test_dpo_two_steps_then_killed_and_resumed_exactly(tmp_path):
     first_log = log_path.read_text()
     assert "skipped" in first_log
 
-    resumed = run_job("dpo.py", *args[:-2], "trainer.run_name=dpo-run", "trainer.resume=true", "trainer.max_steps=3",
+    resumed = run_job("dpo.py", *args[:-2], "trainer.run_name=dpo-run", "trainer.resume=true", "trainer.total_steps=3",
                       cwd=tmp_path, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "dpo: loss" in resumed.stdout and "MLflow run" in resumed.stdout
@@ -72,7 +72,7 @@ def test_dpo_two_steps_then_killed_and_resumed_exactly(tmp_path):
 
     # the same steps without the kill: the resumed run trained on the same rows from the same weights
     straight = run_job("dpo.py", *SMALL, "trainer.checkpoint_every=0", "trainer.eval_every=0",
-                       "trainer.run_name=straight", "trainer.max_steps=3", cwd=tmp_path, timeout=900)
+                       "trainer.run_name=straight", "trainer.total_steps=3", cwd=tmp_path, timeout=900)
     assert straight.returncode == 0, straight.stderr[-4000:]
     client, runs = _runs(tmp_path)
     (other,) = [r for r in runs if r.info.run_id != run_id]
@@ -89,7 +89,7 @@ def test_dpo_two_steps_then_killed_and_resumed_exactly(tmp_path):
 
 def test_kto_two_steps(tmp_path):
     result = run_job("dpo.py", *SMALL, "algorithm.name=kto", "data.train=builtin:vegetarian/kto",
-                     "trainer.max_steps=2", "trainer.eval_every=1", cwd=tmp_path, timeout=900)
+                     "trainer.total_steps=2", "trainer.eval_every=1", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     client, (run,) = _runs(tmp_path)
     for key in ("train/loss", "train/rewards/desirable", "train/rewards/undesirable", "train/kl", "eval/loss"):
@@ -104,3 +104,38 @@ def test_bad_data_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (f"error: {bad}: no usable preference pairs (1 identical "
                                                       "chosen and rejected)")
+
+
+def test_reward_accuracy_rises_and_the_run_id_resolves_for_serve_and_evaluate(tmp_path, monkeypatch, model_path):
+    """Three steps on the same four pairs (one minibatch an epoch), evaluated on those pairs: the step-1 margins
+    are exactly 0 (the policy is its reference), then accuracy and margin rise; serve and evaluate take the run
+    id and find the adapter on the base this run trained."""
+    from rayalign.data.preferences import load_preferences
+    from rayalign.models import resolve_model_spec
+
+    pairs = load_preferences("builtin:vegetarian/pairs", limit=4).examples
+    data = tmp_path / "four.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt[-1][1], "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                            for p in pairs))
+    result = run_job("dpo.py", f"data.train={data}", f"data.eval={data}", "algorithm.minibatch_size=4",
+                     "learner.micro_batch_size=2", "trainer.total_steps=3", "trainer.eval_every=0",
+                     "trainer.checkpoint_every=0", "heldout.enabled=false", "trainer.run_name=four", cwd=tmp_path,
+                     timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    client, (run,) = _runs(tmp_path)
+    run_id = run.info.run_id
+    accuracy = dict(_history(client, run_id, "train/rewards/accuracy"))
+    margin = dict(_history(client, run_id, "train/rewards/margin"))
+    assert margin[1] == pytest.approx(0.0, abs=1e-6) and accuracy[1] == 0.0
+    assert margin[1] < margin[2] < margin[3] and accuracy[3] > accuracy[1], (accuracy, margin)
+    assert dict(_history(client, run_id, "eval/rewards/accuracy"))[3] >= accuracy[3]  # after the third update
+    assert dict(_history(client, run_id, "eval/rewards/margin"))[3] > margin[3]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    serve = load_job("serve.py")
+    served = serve.resolve_served(serve.ServeJobConfig(serve=serve.ServeConfig(run_id=run_id)), tmp_path / "dl")
+    assert served.adapter is not None and (served.adapter / "adapter_config.json").is_file()
+    assert (served.model_path, served.lora_rank, served.name) == (model_path, 16, "four")
+    evaluated = resolve_model_spec(run_id, tmp_path / "dl2", what="--model")
+    assert (evaluated.kind, evaluated.run_id, evaluated.run_model_name) == ("adapter", run_id, "smollm2-135m-instruct")
+    assert not evaluated.trained_on_other_base(model_path)
