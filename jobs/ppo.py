@@ -70,9 +70,16 @@ class PPOJobConfig:
     def validate(self) -> None:
         if self.sampling.temperature <= 0:
             raise C.ConfigError("sampling.temperature: training samples need a temperature > 0")
-        if self.algorithm.name in ("grpo", "rloo") and self.sampling.n < 2:
-            raise C.ConfigError(f"sampling.n: {self.algorithm.name} compares responses to the same prompt; "
+        algo = self.algorithm
+        if algo.dynamic_sampling and self.sampling.n < 2:
+            raise C.ConfigError(f"algorithm.dynamic_sampling: drops prompt groups whose sampling.n responses tie; "
+                                f"with n={self.sampling.n} every group ties")
+        if algo.grouped and self.sampling.n < 2:
+            raise C.ConfigError(f"sampling.n: {algo.name} compares responses to the same prompt; "
                                 f"expected n >= 2, got {self.sampling.n}")
+        if algo.overlong_buffer >= self.sampling.max_new_tokens:
+            raise C.ConfigError(f"algorithm.overlong_buffer ({algo.overlong_buffer}) must be below "
+                                f"sampling.max_new_tokens ({self.sampling.max_new_tokens})")
         per_step = self.learner.micro_batch_size * self.learner.num_workers
         if self.algorithm.minibatch_size % per_step:
             raise C.ConfigError(f"algorithm.minibatch_size ({self.algorithm.minibatch_size}) must be a multiple of "
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from rayalign.algorithms.advantages import overlong_penalty
     from rayalign.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
     from rayalign.judge.openai_judge import JudgeUnavailableError
     from rayalign.learner import rl
@@ -125,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.tracking import Tracker
 
     algo, trainer = cfg.algorithm, cfg.trainer
+    if algo.aggregation == "seq_sum_norm" and not algo.norm_tokens:  # Dr. GRPO's constant: the length budget
+        algo = dataclasses.replace(algo, norm_tokens=cfg.sampling.max_new_tokens)
     sync_plan = SyncPlan.for_learner(cfg.learner)  # what the learner sends the engines after each update, and how
     learner_needs = {"CPU": cfg.learner.num_workers * cfg.learner.num_cpus_per_worker,
                      "GPU": cfg.learner.num_workers * cfg.learner.num_gpus_per_worker}
@@ -198,29 +208,56 @@ def main(argv: list[str] | None = None) -> int:
             # computes the reference logprobs inside the training step (as TRL does with one iteration).
             batch = pad_rollouts(rollouts)
             single_pass = algo.epochs == 1 and len(rollouts) <= algo.minibatch_size and not rl.needs_logprobs(algo)
-            old_pass = None if single_pass else learner.forward_async(ray.put(batch), len(rollouts),
-                                                                      cfg.sampling.temperature)
-            with timed(times, "judge"):
+            # (with dynamic sampling the batch is only known after the refills: the pass waits for them)
+            old_pass = None if single_pass or algo.dynamic_sampling else learner.forward_async(
+                ray.put(batch), len(rollouts), cfg.sampling.temperature)
+
+            def judge(rollouts: list) -> list:
                 try:
-                    judgements = reward_fn([r.prompt for r in rollouts], [r.response for r in rollouts])
+                    return reward_fn([r.prompt for r in rollouts], [r.response for r in rollouts])
                 except JudgeUnavailableError as e:
                     stop(step, f"the judge is unavailable ({e})")
 
-            # drop samples (GRPO/RLOO: whole prompt groups) whose judgement failed
-            group = cfg.sampling.n if algo.name in ("grpo", "rloo") else 1
+            with timed(times, "judge"):
+                judgements = judge(rollouts)
+
+            # drop samples (grouped algorithms: whole prompt groups) whose judgement failed
+            group = cfg.sampling.n if algo.grouped else 1
             failed = sum(not j.ok for j in judgements)
             judge_failures_total += failed
-            keep = [i for g in range(0, len(rollouts), group)
-                    if all(j.ok for j in judgements[g:g + group]) for i in range(g, g + group)]
+            keep = judged_groups(judgements, group)
             metrics: dict[str, float] = {"judge/failures": failed, "judge/failures_total": judge_failures_total,
                                          "samples/kept": len(keep), "samples/dropped": len(rollouts) - len(keep)}
             if failed:
                 log.warning("step %d: %d of %d judgements failed, e.g. %s", step, failed, len(judgements),
                             next(j.error for j in judgements if not j.ok))
+            if algo.dynamic_sampling:  # DAPO: groups whose rewards tie carry no signal; refill with new prompts
+                rollouts, judgements, refill = dynamic_sampling(
+                    [rollouts[i] for i in keep], [judgements[i] for i in keep], group, trainer.prompts_per_step,
+                    algo.max_sampling_rounds, lambda k, r: engines.generate(
+                        [dataset.prompts[i] for i in prompt_indices(len(dataset.prompts), k, step,
+                                                                    trainer.seed + 7919 * r)],
+                        dataclasses.replace(sampling, seed=sampling.seed + 7919 * r)), judge, times)
+                judge_failures_total += refill["judge/failures"]
+                metrics.update({f"dynamic_sampling/{k}": v for k, v in refill.items()},
+                               **{"judge/failures": failed + refill["judge/failures"],
+                                  "judge/failures_total": judge_failures_total, "samples/kept": len(rollouts)})
+                keep = list(range(len(rollouts)))
+                if rollouts:
+                    batch = pad_rollouts(rollouts)
+                    if not (algo.epochs == 1 and len(rollouts) <= algo.minibatch_size
+                            and not rl.needs_logprobs(algo)):
+                        old_pass = learner.forward_async(ray.put(batch), len(rollouts), cfg.sampling.temperature)
             if len(keep) < max(group, 1) or len(keep) < cfg.learner.num_workers:
                 if old_pass is not None:
                     old_pass.result()  # the learner finishes it before it takes the next command
                 tracker.log_metrics(metrics, step=step)
+                if algo.dynamic_sampling and not failed and not metrics["dynamic_sampling/judge/failures"]:
+                    log.warning("step %d: every prompt group's rewards tied, refills included; no update this "
+                                "step", step)  # no signal, but no failure either
+                    if trainer.checkpoint_every and step % trainer.checkpoint_every == 0:
+                        checkpoint(step)
+                    continue
                 failed_steps += 1
                 if failed_steps >= trainer.max_failed_steps:
                     stop(step, f"judging left too few samples to train on in {failed_steps} steps in a row "
@@ -233,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
             rollouts = [rollouts[i] for i in keep]
             judgements = [judgements[i] for i in keep]
             scores = torch.tensor([j.reward for j in judgements], dtype=torch.float32)
+            if algo.overlong_buffer:  # DAPO's soft overlong punishment, on top of the reward
+                penalty = overlong_penalty(torch.tensor([len(r.response_token_ids) for r in rollouts]),
+                                           cfg.sampling.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+                scores = scores + penalty
+                metrics.update({"reward/overlong_penalty/mean": float(penalty.mean()),
+                                "reward/overlong_penalty/share": float((penalty < 0).float().mean())})
             batch, kept = kept_rows(batch, keep)
             mask = batch["response_mask"]
             plan = minibatch_plan(len(rollouts), algo.minibatch_size, cfg.learner.num_workers,
@@ -328,6 +371,53 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v}" for k, v in paths.items()))
     ray.shutdown()
     return 0
+
+
+def judged_groups(judgements: list, group: int) -> list[int]:
+    """Indices of the samples whose whole group (``group`` consecutive samples) was judged."""
+    return [i for g in range(0, len(judgements), group)
+            if all(j.ok for j in judgements[g:g + group]) for i in range(g, g + group)]
+
+
+def dynamic_sampling(rollouts: list, judgements: list, group: int, groups_wanted: int, max_rounds: int,
+                     generate, judge, times: dict[str, float]) -> tuple[list, list, dict[str, float]]:
+    """DAPO's dynamic sampling over judged ``rollouts`` (whole groups of ``group``): drop the groups whose rewards
+    all tie and, for up to ``max_rounds`` rounds, ``generate(k, round)`` k more prompts' groups and ``judge`` them,
+    until ``groups_wanted`` groups carry signal. Returns the kept rollouts and judgements (at most
+    ``groups_wanted`` groups) and counts: tied groups dropped, rounds taken, refill judge failures, groups short."""
+    import torch
+
+    from rayalign.algorithms.advantages import tied_groups
+
+    counts = {"tied_groups": 0.0, "rounds": 0.0, "judge/failures": 0.0, "groups_short": 0.0}
+
+    def informative(rs: list, js: list) -> tuple[list, list]:
+        if not rs:
+            return [], []
+        tied = tied_groups(torch.tensor([j.reward for j in js], dtype=torch.float32), group).tolist()
+        counts["tied_groups"] += sum(tied)
+        keep = [i for g, t in enumerate(tied) if not t for i in range(g * group, (g + 1) * group)]
+        return [rs[i] for i in keep], [js[i] for i in keep]
+
+    rollouts, judgements = informative(rollouts, judgements)
+    for round_ in range(1, max_rounds + 1):
+        missing = groups_wanted - len(rollouts) // group
+        if missing <= 0:
+            break
+        counts["rounds"] = float(round_)
+        t0 = time.perf_counter()
+        more = generate(missing, round_)
+        times["time/generate"] = times.get("time/generate", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        judged = judge(more)
+        times["time/judge"] = times.get("time/judge", 0.0) + time.perf_counter() - t0
+        counts["judge/failures"] += sum(not j.ok for j in judged)
+        ok = judged_groups(judged, group)
+        more, judged = informative([more[i] for i in ok], [judged[i] for i in ok])
+        rollouts, judgements = rollouts + more, judgements + judged
+    rollouts, judgements = rollouts[:groups_wanted * group], judgements[:groups_wanted * group]
+    counts["groups_short"] = float(groups_wanted - len(rollouts) // group)
+    return rollouts, judgements, counts
 
 
 def kept_rows(batch: dict, keep: list[int]):

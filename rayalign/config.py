@@ -321,16 +321,50 @@ class DataConfig:
             raise ConfigError(f"data.limit: expected an int >= 1 or null, got {self.limit}")
 
 
+GROUPED_ALGORITHMS = frozenset({"grpo", "rloo", "reinforce_pp_baseline", "dr_grpo", "gspo"})
+"""Algorithms whose advantages compare the responses to one prompt."""
+KL_IN_LOSS_BY_DEFAULT = frozenset({"grpo", "dr_grpo", "gspo"})
+"""Algorithms whose KL penalty goes into the loss unless algorithm.kl_in says otherwise."""
+
+
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-    name: Literal["ppo", "grpo", "rloo"] = "ppo"
-    """"ppo": GAE with a value head; "grpo" / "rloo": group baselines over sampling.n responses per prompt, no critic."""
+    name: Literal["ppo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "dr_grpo", "gspo"] = "ppo"
+    """"ppo": GAE with a value head; "grpo": group-normalised rewards, no critic; "rloo": leave-one-out baselines;
+    "reinforce_pp": REINFORCE++, KL-shaped returns whitened over the batch, no critic; "reinforce_pp_baseline":
+    the same on rewards minus the group mean; "dr_grpo": GRPO without the std division or per-answer length
+    normalisation; "gspo": GRPO's advantages with one clipped, length-normalised importance ratio per sequence.
+    Every one but ppo and reinforce_pp samples sampling.n responses per prompt as a group."""
     epochs: int = 1
     """Passes over each step's batch."""
     minibatch_size: int = 8
     """Sequences per optimizer step, over all learner workers."""
     clip_eps: float = 0.2
-    """PPO ratio clip."""
+    """PPO ratio clip (the lower bound, 1 - clip_eps; gspo clips its sequence ratio with it, where the paper
+    uses 3e-4)."""
+    clip_eps_high: float | None = None
+    """DAPO's clip-higher: the upper bound 1 + clip_eps_high (null: clip_eps; DAPO uses 0.28 with clip_eps 0.2)."""
+    loss_agg: Literal["token_mean", "seq_mean", "seq_sum_norm"] | None = None
+    """How per-token losses are averaged: "token_mean" over every token of the minibatch (DAPO's token-level
+    loss), "seq_mean" per answer then over answers (original GRPO), "seq_sum_norm" each answer's sum over
+    norm_tokens (Dr. GRPO); null: seq_sum_norm for dr_grpo, token_mean otherwise. gspo's loss is per sequence
+    and takes none."""
+    norm_tokens: int = 0
+    """The constant divisor of seq_sum_norm (0: sampling.max_new_tokens)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop prompt groups whose rewards all tie (no signal) and sample more prompts, up
+    to max_sampling_rounds extra rounds, until the step has prompts_per_step groups (grouped algorithms only)."""
+    max_sampling_rounds: int = 3
+    """Extra generate-and-judge rounds a step may take to refill dropped groups (dynamic_sampling); a step still
+    short after them trains on the groups it has."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: over the last this many tokens before sampling.max_new_tokens the reward
+    falls linearly by up to overlong_penalty (0: off)."""
+    overlong_penalty: float = 1.0
+    """The largest overlong punishment, reached at sampling.max_new_tokens."""
+    tis_cap: float | None = None
+    """Truncated importance sampling for the engine/learner mismatch: weight each token's loss by
+    min(pi_learner_old / pi_engine, tis_cap) (null: off; 2.0 is the usual cap)."""
     value_clip_eps: float = 0.2
     """Value clip around the old values (ppo)."""
     vf_coef: float = 0.1
@@ -352,16 +386,29 @@ class AlgorithmConfig:
     refused: its gradient is zero in expectation over the policy's own samples (E[grad log pi] = 0), so it would
     not pull the policy toward the reference."""
     kl_in: Literal["reward", "loss"] | None = None
-    """Where the KL penalty goes: shaped into the token rewards or added to the loss; null: the loss for grpo, the
-    reward for ppo and rloo. grpo with the KL in the reward is refused: dividing by the group's reward std would
-    scale the penalty up to full-size advantages whenever a group's scores are equal."""
+    """Where the KL penalty goes: shaped into the token rewards or added to the loss; null: the loss for grpo,
+    dr_grpo and gspo, the reward for the others. grpo and gspo with the KL in the reward are refused: dividing by
+    the group's reward std would scale the penalty up to full-size advantages whenever a group's scores are
+    equal."""
     whiten_advantages: bool = True
     """Normalise advantages over the batch (ppo)."""
 
     @property
     def kl_in_loss(self) -> bool:
         """Whether the KL penalty goes into the loss (``kl_in``, or the algorithm's default)."""
-        return (self.kl_in or ("loss" if self.name == "grpo" else "reward")) == "loss"
+        return (self.kl_in or ("loss" if self.name in KL_IN_LOSS_BY_DEFAULT else "reward")) == "loss"
+
+    @property
+    def grouped(self) -> bool:
+        """Whether advantages compare the sampling.n responses to one prompt (and judging drops whole groups)."""
+        return self.name in GROUPED_ALGORITHMS
+
+    @property
+    def aggregation(self) -> str:
+        """The loss aggregation (``loss_agg``, or the algorithm's default); "sequence" for gspo."""
+        if self.name == "gspo":
+            return "sequence"
+        return self.loss_agg or ("seq_sum_norm" if self.name == "dr_grpo" else "token_mean")
 
     @property
     def estimator(self) -> str:
@@ -373,9 +420,24 @@ class AlgorithmConfig:
         if self.kl_in_loss and self.estimator == "k1":
             raise ConfigError("algorithm.kl_estimator: k1 in the loss has a zero expected gradient (it would not "
                               "hold the policy near the reference); use k3 with algorithm.kl_in=loss")
-        if self.name == "grpo" and not self.kl_in_loss:
-            raise ConfigError("algorithm.kl_in: grpo divides rewards by the group's std, which would scale a KL "
-                              "penalty in the reward up to full-size advantages; use kl_in=loss (grpo's default)")
+        if self.name in ("grpo", "gspo") and not self.kl_in_loss:
+            raise ConfigError(f"algorithm.kl_in: {self.name} divides rewards by the group's std, which would scale a "
+                              f"KL penalty in the reward up to full-size advantages; use kl_in=loss (its default)")
+        if self.name == "gspo" and self.loss_agg is not None:
+            raise ConfigError("algorithm.loss_agg: gspo's loss is one clipped ratio per sequence; leave loss_agg "
+                              "unset")
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
+            raise ConfigError(f"algorithm.clip_eps_high: expected a float > 0 (or null), got {self.clip_eps_high}")
+        if self.dynamic_sampling and not self.grouped:
+            raise ConfigError(f"algorithm.dynamic_sampling: {self.name} has no prompt groups to drop; use one of "
+                              f"{', '.join(sorted(GROUPED_ALGORITHMS))}")
+        require_at_least("algorithm.max_sampling_rounds", self.max_sampling_rounds, 0)
+        require_at_least("algorithm.norm_tokens", self.norm_tokens, 0)
+        require_at_least("algorithm.overlong_buffer", self.overlong_buffer, 0)
+        if self.overlong_penalty < 0:
+            raise ConfigError(f"algorithm.overlong_penalty: expected a float >= 0, got {self.overlong_penalty}")
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ConfigError(f"algorithm.tis_cap: expected a float >= 1 (or null), got {self.tis_cap}")
         require_at_least("algorithm.minibatch_size", self.minibatch_size, 1)
         if self.clip_eps <= 0 or self.value_clip_eps <= 0:
             raise ConfigError("algorithm.clip_eps and algorithm.value_clip_eps must be > 0")

@@ -199,7 +199,7 @@ def test_shipped_ppo_configs_load_and_the_default_matches():
         (["learner.full_sync=broadcast", "learner.num_gpus_per_worker=1"], "NCCL, which cannot reach CPU engines"),
         (["learner.full_sync=nccl"], "learner.full_sync: expected one of ['shared_memory', 'broadcast']"),
         (["algorithm.kl_in=loss", "algorithm.kl_estimator=k1"], "k1 in the loss has a zero expected gradient"),
-        (["algorithm.name=grpo", "sampling.n=2", "algorithm.kl_in=reward"], "use kl_in=loss (grpo's default)"),
+        (["algorithm.name=grpo", "sampling.n=2", "algorithm.kl_in=reward"], "use kl_in=loss (its default)"),
         (["lora.dropout=0.1"], "lora.dropout: the PPO ratio compares passes over the same weights"),
         (["lora.rank=12"], "lora.rank: the rollout engines (vLLM) load adapters of rank 1, 8, 16"),
         (["lora.rank=1024"], "lora.rank: the rollout engines (vLLM) load adapters of rank"),

@@ -49,7 +49,7 @@ def test_objectives_are_picked_by_name():
     assert [OBJECTIVES[n].rows_per_example for n in ("dpo", "ipo", "simpo", "kto")] == [2, 2, 2, 1]
     assert not OBJECTIVES["simpo"].needs_reference and OBJECTIVES["dpo"].needs_reference
     assert objective("grpo") is OBJECTIVES["grpo"]
-    with pytest.raises(ValueError, match="unknown objective 'dpo0'.*dpo, grpo, ipo, kto, ppo, rloo, simpo"):
+    with pytest.raises(ValueError, match="unknown objective 'dpo0'.*dpo, dr_grpo, grpo, gspo, ipo, kto, ppo, reinforce_pp, reinforce_pp_baseline, rloo, simpo"):
         objective("dpo0")
 
 

@@ -18,7 +18,7 @@ import torch
 
 from rayalign.algorithms.core import masked_mean
 from rayalign.algorithms.kl import kl_estimate
-from rayalign.algorithms.ppo import entropy_from_logits, policy_loss, value_loss
+from rayalign.algorithms.ppo import entropy_from_logits, gspo_loss, policy_loss, truncated_is_weights, value_loss
 from rayalign.algorithms.preference import dpo_loss, ipo_loss, kto_loss, simpo_loss
 from rayalign.config import AlgorithmConfig, PreferenceConfig
 
@@ -44,8 +44,8 @@ class Objective:
     head: Literal["lm", "lm+value", "classifier"]
     rows_per_example: Literal[1, 2]
     needs_reference: bool
-    row_weights: Callable[[dict[str, torch.Tensor]], torch.Tensor]
-    """batch -> (B,) what each row counts for in the minibatch mean (0 for padding rows)."""
+    row_weights: Callable[[dict[str, torch.Tensor], Any], torch.Tensor]
+    """(batch, settings) -> (B,) what each row counts for in the minibatch mean (0 for padding rows)."""
     loss: LossFn
     settings: Callable[[Any, float], Any]
     """(the job's algorithm section, this step's KL coefficient) -> the ``settings`` its loss takes."""
@@ -65,9 +65,17 @@ def token_share(normaliser: float, minibatch_normaliser: float, accumulation: in
     return normaliser / minibatch_normaliser * accumulation * world_size
 
 
-def response_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def response_tokens(batch: dict[str, torch.Tensor], settings: Any = None) -> torch.Tensor:
     """(B,) response tokens per row: the unit of token-level losses."""
     return batch["response_mask"].sum(dim=1)
+
+
+def policy_gradient_units(batch: dict[str, torch.Tensor], settings: "PolicyGradientSettings") -> torch.Tensor:
+    """(B,) what a row counts for under the settings' loss aggregation: its response tokens for "token_mean",
+    1 per answered row for the per-sequence aggregations (and gspo)."""
+    if settings.loss_agg == "token_mean":
+        return response_tokens(batch)
+    return answered_rows(batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,25 +88,47 @@ class PolicyGradientSettings:
     """This step's KL coefficient; used only with the KL in the loss."""
     kl_in_loss: bool
     kl_estimator: str
+    clip_eps_high: float | None = None
+    loss_agg: str = "token_mean"
+    """`rayalign.algorithms.ppo.aggregate`'s ``how``, or "sequence" (gspo)."""
+    norm_tokens: int = 0
+    tis_cap: float | None = None
 
     @classmethod
     def from_algorithm(cls, algo: AlgorithmConfig, kl_coef: float) -> "PolicyGradientSettings":
+        if algo.aggregation == "seq_sum_norm" and algo.norm_tokens <= 0:
+            raise ValueError("loss_agg seq_sum_norm needs algorithm.norm_tokens (the job sets it to "
+                             "sampling.max_new_tokens)")
         return cls(clip_eps=algo.clip_eps, value_clip_eps=algo.value_clip_eps, vf_coef=algo.vf_coef,
                    entropy_coef=algo.entropy_coef, kl_coef=kl_coef, kl_in_loss=algo.kl_in_loss,
-                   kl_estimator=algo.estimator)
+                   kl_estimator=algo.estimator, clip_eps_high=algo.clip_eps_high, loss_agg=algo.aggregation,
+                   norm_tokens=algo.norm_tokens, tis_cap=algo.tis_cap)
 
 
 def clipped_policy_gradient(outputs: Outputs, mb: dict[str, torch.Tensor],
                             settings: PolicyGradientSettings) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate on ``mb["advantages"]`` against ``mb["logprobs"]`` (the old policy), plus the value
-    loss when the outputs carry values (``mb["values"]`` old values, ``mb["returns"]``), the KL to
-    ``mb["ref_logprobs"]`` when it goes in the loss, and an entropy bonus. Token means; all (B, T).
-    The normaliser is the micro-batch's response tokens."""
+    """PPO's clipped surrogate on ``mb["advantages"]`` against ``mb["logprobs"]`` (the old policy) -- or GSPO's
+    per-sequence one (loss_agg "sequence") -- plus the value loss when the outputs carry values (``mb["values"]``
+    old values, ``mb["returns"]``), the KL to ``mb["ref_logprobs"]`` when it goes in the loss, and an entropy
+    bonus; all (B, T). With ``tis_cap`` each token's surrogate is weighted by min(pi_old / pi_engine, cap)
+    (``mb["engine_logprobs"]``). The normaliser is the micro-batch's units (`policy_gradient_units`)."""
     mask = mb["response_mask"]
     logprobs = outputs.logprobs
-    pg, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, settings.clip_eps)
+    stats: dict[str, torch.Tensor] = {}
+    weights = None
+    if settings.tis_cap is not None:
+        weights, capped = truncated_is_weights(mb["logprobs"], mb["engine_logprobs"], mask, settings.tis_cap)
+        stats.update(tis_cap_frac=capped, tis_weight=masked_mean(weights, mask))
+    if settings.loss_agg == "sequence":
+        if weights is not None:
+            raise ValueError("gspo takes no per-token importance weights (tis_cap)")
+        pg, pg_stats = gspo_loss(logprobs, mb["logprobs"], mb["advantages"], mask, settings.clip_eps,
+                                 settings.clip_eps_high)
+    else:
+        pg, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, settings.clip_eps,
+                                   settings.clip_eps_high, settings.loss_agg, settings.norm_tokens, weights)
     loss = pg
-    stats = {"policy_loss": pg, **pg_stats}
+    stats.update(policy_loss=pg, **pg_stats)
     if outputs.values is not None:
         vf, vf_stats = value_loss(outputs.values, mb["values"], mb["returns"], mask, settings.value_clip_eps)
         loss = loss + settings.vf_coef * vf
@@ -112,12 +142,13 @@ def clipped_policy_gradient(outputs: Outputs, mb: dict[str, torch.Tensor],
         if settings.entropy_coef:
             loss = loss - settings.entropy_coef * entropy
         stats["entropy"] = entropy
-    return loss, float(mask.sum()), stats
+    return loss, float(policy_gradient_units(mb, settings).sum()), stats
 
 
 def _policy_gradient(name: str, head: Literal["lm", "lm+value"]) -> Objective:
-    return Objective(name=name, head=head, rows_per_example=1, needs_reference=True, row_weights=response_tokens,
-                     loss=clipped_policy_gradient, settings=PolicyGradientSettings.from_algorithm)
+    return Objective(name=name, head=head, rows_per_example=1, needs_reference=True,
+                     row_weights=policy_gradient_units, loss=clipped_policy_gradient,
+                     settings=PolicyGradientSettings.from_algorithm)
 
 
 # -- offline preferences ------------------------------------------------------------------------------------
@@ -141,12 +172,12 @@ class PreferenceSettings:
                    kto_undesirable_weight=algo.kto_undesirable_weight)
 
 
-def answered_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answered_rows(batch: dict[str, torch.Tensor], settings: Any = None) -> torch.Tensor:
     """(B,) 1 for a row with a response (a kto example), 0 for padding."""
     return (batch["response_mask"].sum(dim=1) > 0).to(torch.float32)
 
 
-def chosen_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def chosen_rows(batch: dict[str, torch.Tensor], settings: Any = None) -> torch.Tensor:
     """(B,) 1 on the chosen row of each real pair, 0 elsewhere: a pair counts once."""
     weights = answered_rows(batch)
     weights[1::2] = 0.0
@@ -219,6 +250,10 @@ OBJECTIVES: dict[str, Objective] = {
     "ppo": _policy_gradient("ppo", "lm+value"),  # advantages from GAE over the value head's estimates
     "grpo": _policy_gradient("grpo", "lm"),  # group-normalised advantages, no critic
     "rloo": _policy_gradient("rloo", "lm"),  # leave-one-out baselines, no critic
+    "reinforce_pp": _policy_gradient("reinforce_pp", "lm"),  # batch-whitened KL-shaped returns, no critic
+    "reinforce_pp_baseline": _policy_gradient("reinforce_pp_baseline", "lm"),  # the same minus the group mean
+    "dr_grpo": _policy_gradient("dr_grpo", "lm"),  # group mean baseline, constant length normaliser
+    "gspo": _policy_gradient("gspo", "lm"),  # one clipped importance ratio per sequence
     "dpo": _preference("dpo", dpo_objective),
     "ipo": _preference("ipo", ipo_objective),
     "simpo": _preference("simpo", simpo_objective, needs_reference=False),

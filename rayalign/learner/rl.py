@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from rayalign.algorithms.advantages import gae, grpo_advantages, rloo_advantages
+from rayalign.algorithms.advantages import (discounted_returns, gae, group_mean_baseline, grpo_advantages,
+                                            rloo_advantages)
 from rayalign.algorithms.core import masked_mean, masked_whiten
 from rayalign.algorithms.kl import kl_estimate, kl_shaped_rewards
 from rayalign.config import AlgorithmConfig
@@ -16,7 +17,7 @@ from rayalign.config import AlgorithmConfig
 
 def needs_logprobs(algo: AlgorithmConfig) -> bool:
     """Whether `advantages` reads the old-policy and reference logprobs (PPO always: values and KL-shaped
-    rewards; GRPO / RLOO only with the KL in the reward)."""
+    rewards; the others only with the KL in the reward)."""
     return algo.name == "ppo" or not algo.kl_in_loss
 
 
@@ -68,7 +69,30 @@ def _group_baseline(baseline):
     return estimate
 
 
-ESTIMATORS = {"ppo": _gae, "grpo": _group_baseline(grpo_advantages), "rloo": _group_baseline(rloo_advantages)}
+def _reinforce_pp(baseline):
+    """REINFORCE++: the score (minus ``baseline(scores, group_size)`` when given) on the last token, the KL
+    penalty on every token (with the KL in the reward), reward-to-go, then whitened over the whole batch."""
+    def estimate(algo: AlgorithmConfig, scores, mask, logprobs, ref_logprobs, values, reward_kl_coef: float,
+                 group_size: int) -> dict[str, torch.Tensor]:
+        centred = scores if baseline is None else baseline(scores, group_size)
+        if algo.kl_in_loss:
+            kl = torch.zeros_like(mask, dtype=torch.float32)
+        else:
+            kl = token_kl(algo, logprobs, ref_logprobs, mask)
+        token_rewards = kl_shaped_rewards(centred, kl.float(), mask, reward_kl_coef)
+        return {"advantages": masked_whiten(discounted_returns(token_rewards, mask, algo.gamma), mask)}
+    return estimate
+
+
+ESTIMATORS = {
+    "ppo": _gae,
+    "grpo": _group_baseline(grpo_advantages),
+    "rloo": _group_baseline(rloo_advantages),
+    "reinforce_pp": _reinforce_pp(None),
+    "reinforce_pp_baseline": _reinforce_pp(group_mean_baseline),
+    "dr_grpo": _group_baseline(group_mean_baseline),
+    "gspo": _group_baseline(grpo_advantages),
+}
 """Advantage estimators by algorithm name (see `advantages`)."""
 
 

@@ -128,7 +128,7 @@ class LearnerWorker:
         batch = ray.get(batch_ref)
         objective, engine = self.objective, self.model.engine
         settings = objective.settings(self.algo, kl_coef)
-        row_weights = objective.row_weights(batch)
+        row_weights = objective.row_weights(batch, settings)
         accumulation = len(plan[0][0]) if plan else 1
         sums: dict[str, float] = {}
         seen_units = 0.0

@@ -1,0 +1,65 @@
+"""jobs/ppo.py, two steps with each RL algorithm beyond PPO/GRPO/RLOO, on the embedded SmolLM2 (real engine,
+learner and MLflow), with the options that go with it; the rule reward alone, so no judge deployment starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_job
+
+pytestmark = pytest.mark.slow
+
+TINY = ["trainer.total_steps=2", "trainer.checkpoint_every=0", "sampling.max_new_tokens=24", "sampling.n=2",
+        "tracking.sample_every=1", "reward.components=[{name: lexicon, kind: rule, weight: 1.0, "
+        "rule: vegetarian_lexicon}]"]
+
+CASES = {
+    # KL in the reward (the old-policy pass runs), truncated IS against the engine's logprobs
+    "reinforce_pp": (["trainer.prompts_per_step=2", "algorithm.minibatch_size=4", "algorithm.tis_cap=1.5"],
+                     ["train/tis_cap_frac", "train/tis_weight", "train/clip_frac_low", "train/clip_frac_high"]),
+    "reinforce_pp_baseline": (["trainer.prompts_per_step=2", "algorithm.minibatch_size=4",
+                               "algorithm.loss_agg=seq_mean"], ["train/policy_loss", "kl"]),
+    # single-pass step (KL in the loss), clip-higher, overlong punishment over the last 8 of 24 tokens
+    "dr_grpo": (["trainer.prompts_per_step=2", "algorithm.minibatch_size=4", "algorithm.clip_eps_high=0.28",
+                 "algorithm.overlong_buffer=8", "sampling.ignore_eos=true"],
+                ["train/clip_frac_high", "reward/overlong_penalty/mean", "train/kl_loss"]),
+    "gspo": (["trainer.prompts_per_step=4", "algorithm.minibatch_size=8", "algorithm.dynamic_sampling=true",
+              "algorithm.max_sampling_rounds=2"],
+             ["dynamic_sampling/tied_groups", "dynamic_sampling/rounds", "dynamic_sampling/groups_short"]),
+}
+
+
+def _run(cwd: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rayalign-ppo")
+    (run,) = client.search_runs([exp.experiment_id])
+    return client, run
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_steps(tmp_path, name):
+    extra, keys = CASES[name]
+    result = run_job("ppo.py", f"algorithm.name={name}", *TINY, *extra, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    client, run = _run(tmp_path)
+    assert run.info.status == "FINISHED"
+    history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in keys}
+    for key, values in history.items():
+        assert sorted(values) == [1, 2], (key, values)
+    if name == "dr_grpo":  # every answer runs to 24 tokens: the whole penalty, on every sample
+        assert history["reward/overlong_penalty/mean"] == {1: -1.0, 2: -1.0}
+    if name == "gspo":
+        # dynamic sampling kept only groups whose two rewards differ (ties carry no GSPO signal)
+        for step in (1, 2):
+            try:
+                path = client.download_artifacts(run.info.run_id, f"samples/step_{step:05d}.json", str(tmp_path))
+            except Exception:  # every group tied after the refills: that step made no update
+                continue
+            table = json.loads(Path(path).read_text())
+            rewards = [row[table["columns"].index("reward")] for row in table["data"]]
+            assert rewards and all(a != b for a, b in zip(rewards[0::2], rewards[1::2])), rewards
