@@ -24,8 +24,10 @@ from rayalign.learner.checkpoints import checkpoint_steps
 pytestmark = pytest.mark.slow
 
 SMALL = ["trainer.prompts_per_step=4", "sampling.max_new_tokens=32", "tracking.sample_every=1"]
-# GRPO groups of 2, the KL in the loss, one minibatch: the learner's single-pass step
-GRPO_ONE_PASS = ["algorithm.name=grpo", "sampling.n=2", "algorithm.kl_in=loss", "algorithm.minibatch_size=8"]
+# Dr. GRPO groups of 2, the KL in the loss (its default), one minibatch: the learner's single-pass step; with
+# DAPO's clip-higher and its overlong punishment over the last 8 of 32 tokens
+DR_GRPO_ONE_PASS = ["algorithm.name=dr_grpo", "sampling.n=2", "algorithm.minibatch_size=8",
+                    "algorithm.clip_eps_high=0.28", "algorithm.overlong_buffer=8", "sampling.ignore_eos=true"]
 
 
 def _runs(cwd: Path, experiment: str = "rayalign-ppo"):
@@ -152,8 +154,9 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def test_failed_judgements_are_dropped_and_a_killed_run_resumes_exactly(tmp_path, flaky_judge, model_path):
     from rayalign.data.prompts import load_prompts, prompt_indices
 
+    # REINFORCE++ with truncated IS: no groups (a failed judgement drops one sample), the KL in the reward
     args = [*SMALL, "trainer.checkpoint_every=1", "trainer.run_name=resumable", "learner.lora_sync=adapter",
-            "reward.judge.backend=openai",
+            "algorithm.name=reinforce_pp", "algorithm.tis_cap=2.0", "reward.judge.backend=openai",
             f"reward.judge.url={flaky_judge}", "reward.judge.endpoint_model=stub", "reward.components=[]"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "first.log"
@@ -191,6 +194,9 @@ def test_failed_judgements_are_dropped_and_a_killed_run_resumes_exactly(tmp_path
     assert sum(m.value for m in failures) >= 1
     assert all(f.value + k.value == 4 for f, k in zip(failures, kept))
     assert run.data.metrics["policy_version"] == 2
+    for key in ("train/tis_cap_frac", "train/tis_weight", "train/clip_frac_low", "train/clip_frac_high"):
+        assert _steps(client, run_id, key) == [1, 2], key
+    assert 0 <= run.data.metrics["train/tis_cap_frac"] <= 1 and run.data.metrics["train/tis_weight"] > 0
 
     # a new run from a chosen (not the latest) checkpoint: step 1's state, so it trains step 2 on step 2's prompts
     chosen = tmp_path / "checkpoints" / "resumable" / "checkpoint_000001"
@@ -268,7 +274,7 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
         for _ in range(24):  # a fresh head's job agent comes up some seconds after `ray start` returns
             submit = subprocess.run(
                 [f"{venv_bin}/ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".",
-                 "--", "python", "jobs/ppo.py", "trainer.total_steps=1", *SMALL, *GRPO_ONE_PASS,
+                 "--", "python", "jobs/ppo.py", "trainer.total_steps=2", *SMALL, *DR_GRPO_ONE_PASS,
                  "learner.full_sync=broadcast",  # the merged weights reach the engine by a gloo broadcast
                  f"trainer.storage_path={tmp_path / 'checkpoints'}", f"trainer.output_dir={tmp_path / 'outputs'}"],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -282,11 +288,14 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
         subprocess.run(["pkill", "-9", "-f", f"gcs_server.*{port}"], capture_output=True)
     client, runs = _runs(tmp_path)
     (run,) = runs
-    assert run.info.status == "FINISHED" and _steps(client, run.info.run_id, "reward/mean") == [1]
-    assert list((tmp_path / "checkpoints").glob("*/checkpoint_000001"))
-    # GRPO, KL in the loss, one optimizer step: no separate logprob pass, the KL still measured (from the
+    assert run.info.status == "FINISHED" and _steps(client, run.info.run_id, "reward/mean") == [1, 2]
+    assert list((tmp_path / "checkpoints").glob("*/checkpoint_000002"))
+    # Dr. GRPO, KL in the loss, one optimizer step: no separate logprob pass, the KL still measured (from the
     # training pass's own logprobs)
     assert run.data.metrics["time/logprobs"] == 0.0 and run.data.metrics["train/kl_loss"] >= 0
+    for key in ("train/clip_frac_high", "reward/overlong_penalty/mean"):  # DAPO's clip-higher and overlong penalty
+        assert _steps(client, run.info.run_id, key) == [1, 2], key
+    assert run.data.metrics["reward/overlong_penalty/mean"] == -1.0  # every answer ran to its 32 tokens
     assert run.data.metrics["kl/k3"] >= 0 and abs(run.data.metrics["rollout/logprob_diff"]) < 1.0
     # the broadcast sent the whole merged model in the engine's dtype (bf16), and nothing went through files
     assert run.data.metrics["sync/bytes"] == 2 * _exported_numel(model_path)
