@@ -20,7 +20,7 @@ Last stdout line: one JSON object with the figures and
   ratios.tokens_per_s_vs_trl             rayalign / TRL default (target >= 1.3)
   ratios.tokens_per_s_vs_trl_precomputed rayalign / TRL with precompute_ref_log_probs=True
 
-    python benchmarks/dpo_vs_trl.py [--pairs 64] [--minibatch 8] [--micro 4] [--no-precomputed]
+    python benchmarks/dpo_vs_trl.py [--pairs 64] [--minibatch 8] [--micro 4] [--no-precomputed] [--override K=V]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def bench_rayalign(args, data: Path, workdir: Path) -> dict:
            "algorithm.epochs=1", f"algorithm.minibatch_size={args.minibatch}", f"learner.micro_batch_size={args.micro}",
            f"learner.lr={LR}", f"lora.rank={LORA_RANK}", f"lora.alpha={LORA_ALPHA}", "lora.dropout=0",
            f"trainer.seed={SEED}", "trainer.total_steps=0", "trainer.checkpoint_every=0", "trainer.eval_every=0",
-           "heldout.enabled=false", f"tracking.experiment={experiment}"]
+           "heldout.enabled=false", f"tracking.experiment={experiment}", *args.override]
     wall = run_logged(cmd, workdir, workdir / "rayalign.log", "rayalign (jobs/dpo.py)")
 
     import mlflow
@@ -197,6 +197,8 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4, help="pairs per forward (micro-batch)")
     parser.add_argument("--no-precomputed", action="store_true",
                         help="skip the second TRL run (precompute_ref_log_probs=True)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a jobs/dpo.py override for rayalign's side, e.g. learner.shared_prompt=false (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, MLflow store)")
     parser.add_argument("--trl-worker", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -245,7 +247,7 @@ def main() -> None:
     r3 = lambda x: round(x, 3) if isinstance(x, float) else x  # noqa: E731
     print(json.dumps({
         "benchmark": "dpo_vs_trl",
-        "config": {"model": args.model, "pairs": args.pairs, "steps": args.pairs // args.minibatch,
+        "config": {"model": args.model, "rayalign_overrides": args.override, "pairs": args.pairs, "steps": args.pairs // args.minibatch,
                    "minibatch_pairs": args.minibatch, "micro_batch_pairs": args.micro, "max_length": MAX_LENGTH,
                    "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA, "lr": LR, "beta": BETA, "dtype": "float32",
                    "trl_version": trl.__version__, "cpu_count": os.cpu_count(),

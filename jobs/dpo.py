@@ -172,15 +172,28 @@ def main(argv: list[str] | None = None) -> int:
                          len(train_rows), "data/eval_examples": len(eval_rows),
                          **{f"data/skipped/{k}": v for k, v in skipped.items()}}, step=state["step"])
 
+    def length(example: list) -> int:
+        return max(len(r.prompt_token_ids) + len(r.response_token_ids) for r in example)
+
     def reference_logps(rows: list[list]) -> list[float]:
-        """The reference's summed response logprobs of every row, in chunks padded to their own length."""
-        out: list[float] = []
-        chunk = max(2, 4 * cfg.learner.micro_batch_size * cfg.learner.num_workers)
-        flat = [r for ex in rows for r in ex]
-        for start in range(0, len(flat), chunk):
-            batch = pad_rollouts(flat[start:start + chunk])
+        """The reference's summed response logprobs of every row (examples in row order), computed longest
+        examples first in chunks of like length, each padded to its own longest row."""
+        out = [0.0] * sum(len(ex) for ex in rows)
+        first_row = [0]
+        for ex in rows:
+            first_row.append(first_row[-1] + len(ex))
+        chunk = max(1, 4 * cfg.learner.micro_batch_size * cfg.learner.num_workers)  # examples per call
+        by_length = sorted(range(len(rows)), key=lambda i: -length(rows[i]))
+        for start in range(0, len(by_length), chunk):
+            picked = by_length[start:start + chunk]
+            batch = pad_rollouts([r for i in picked for r in rows[i]])
             ref = learner.forward(ray.put(batch), len(batch["response_mask"]), 1.0, policy=False)["ref_logprobs"]
-            out += (ref * batch["response_mask"]).sum(dim=1).tolist()
+            sums = (ref * batch["response_mask"]).sum(dim=1).tolist()
+            at = 0
+            for i in picked:
+                for k in range(len(rows[i])):
+                    out[first_row[i] + k] = sums[at]
+                    at += 1
         return out
 
     t0 = time.perf_counter()
@@ -191,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     per_epoch = math.ceil(len(train_rows) / algo.minibatch_size)
     total_steps = trainer.total_steps or per_epoch * algo.epochs
     last_checkpoint = state["step"] if resume_from and not fork else -1
-    plan_fn = pair_plan if algo.paired else minibatch_plan
+
+    def plan_fn(rows: list[list], indices: list[int], seed: int):
+        """One step's plan over the examples ``indices``; pairs of like length share micro-batches."""
+        args = (len(indices), algo.minibatch_size, cfg.learner.num_workers, cfg.learner.micro_batch_size, 1,
+                torch.Generator().manual_seed(seed))
+        if algo.paired:
+            return pair_plan(*args, lengths=[length(rows[i]) for i in indices])
+        return minibatch_plan(*args)
 
     def step_batch(rows: list[list], refs: list[float] | None, labels: list, indices: list[int]):
         """The padded rows of examples ``indices``, their reference logps and labels, and one step's plan."""
@@ -211,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         for start in range(0, len(eval_rows), algo.minibatch_size):
             indices = list(range(start, min(start + algo.minibatch_size, len(eval_rows))))
             batch = step_batch(eval_rows, eval_ref, labels, indices)
-            plan = plan_fn(len(indices), algo.minibatch_size, cfg.learner.num_workers, cfg.learner.micro_batch_size,
-                           1, torch.Generator().manual_seed(0))
+            plan = plan_fn(eval_rows, indices, 0)
             stats, _ = learner.train(ray.put(batch), plan, 1.0, update=False)
             for k, v in stats.items():
                 if k not in ("optimizer_steps", "lr", "grad_norm"):
@@ -241,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             random.Random(trainer.seed * 1_000_003 + epoch).shuffle(order)
             indices = order[offset * algo.minibatch_size:(offset + 1) * algo.minibatch_size]
             batch = step_batch(train_rows, train_ref, labels, indices)
-            plan = plan_fn(len(indices), algo.minibatch_size, cfg.learner.num_workers, cfg.learner.micro_batch_size,
-                           1, torch.Generator().manual_seed(trainer.seed * 100_003 + step))
+            plan = plan_fn(train_rows, indices, trainer.seed * 100_003 + step)
             t_step = time.perf_counter()
             stats, _ = learner.train(ray.put(batch), plan, 1.0)
             seconds = time.perf_counter() - t_step

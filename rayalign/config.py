@@ -527,6 +527,9 @@ class LearnerConfig:
     """Sequences per forward/backward on one worker (gradients accumulate up to the minibatch)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (saves memory, costs ~30% time)."""
+    shared_prompt: bool = True
+    """Paired objectives (dpo, ipo, simpo): run each pair's prompt once, its KV cache shared by both responses,
+    instead of once per response (not under ZeRO-3, where every pair runs whole)."""
 
     def validate(self) -> None:
         require_at_least("learner.num_workers", self.num_workers, 1)

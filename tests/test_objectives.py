@@ -154,3 +154,29 @@ def test_pair_plan_keeps_pairs_together():
         for rank in mb:
             for micro in rank:
                 assert len(micro) == 2 and (micro == [-1, -1] or (micro[0] % 2 == 0 and micro[1] == micro[0] + 1))
+
+
+def test_pair_plan_by_length_deals_like_pairs_together_and_keeps_the_minibatches():
+    lengths = [10, 90, 20, 80, 30, 70, 40, 60]
+    plain = pair_plan(8, 8, 1, 2, 1, torch.Generator().manual_seed(0))
+    sorted_ = pair_plan(8, 8, 1, 2, 1, torch.Generator().manual_seed(0), lengths=lengths)
+    pairs = lambda mb: sorted(r // 2 for rank in mb for micro in rank for r in micro[0::2] if r >= 0)  # noqa: E731
+    assert [pairs(mb) for mb in plain] == [pairs(mb) for mb in sorted_]  # the same pairs make each step
+    micro_pairs = [[r // 2 for r in micro[0::2]] for micro in sorted_[0][0]]
+    assert micro_pairs == [[1, 3], [5, 7], [6, 4], [2, 0]]  # longest first: 90, 80 | 70, 60 | 40, 30 | 20, 10
+    two_ranks = pair_plan(3, 4, 2, 1, 1, torch.Generator().manual_seed(0), lengths=[5, 50, 9])
+    assert [[len(m) for m in rank] for rank in two_ranks[0]] == [[2, 2], [2, 2]]  # padding pairs still even
+
+
+def test_trim_cuts_a_micro_batch_to_its_own_padding():
+    from rayalign.learner.batch import pad_to, trim
+
+    mb = {"input_ids": torch.ones(2, 9, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5 + [0] * 4,
+                                                                                          [1] * 3 + [0] * 6]),
+          "response_start": torch.tensor([2, 2]), "response_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]),
+          "advantages": torch.ones(2, 5), "ref_logps": torch.ones(2)}
+    out = trim(mb)
+    assert out["input_ids"].shape == (2, 5) and out["attention_mask"].shape == (2, 5)
+    assert out["response_mask"].shape == (2, 3) and out["advantages"].shape == (2, 3)
+    assert out["ref_logps"].shape == (2,) and torch.equal(out["response_start"], mb["response_start"])
+    assert pad_to(out["advantages"], 5).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]

@@ -96,20 +96,62 @@ def minibatch_plan(num_samples: int, minibatch_size: int, num_workers: int, micr
         for start in range(0, num_samples, minibatch_size):
             rows = order[start:start + minibatch_size]
             rows += [-1] * (minibatch_size - len(rows))
-            # round-robin over ranks so real rows spread evenly when the minibatch is padded
-            per_rank = [rows[r::num_workers] for r in range(num_workers)]
-            plan.append([[part[m * micro_batch_size:(m + 1) * micro_batch_size] for m in range(accumulation)]
-                         for part in per_rank])
+            plan.append(_layout(rows, num_workers, micro_batch_size, accumulation))
     return plan
 
 
+def _layout(rows: list[int], num_workers: int, micro_batch_size: int, accumulation: int) -> list[list[list[int]]]:
+    """One minibatch's rows -> [rank][micro] (round-robin over ranks so real rows spread evenly when the
+    minibatch is padded)."""
+    per_rank = [rows[r::num_workers] for r in range(num_workers)]
+    return [[part[m * micro_batch_size:(m + 1) * micro_batch_size] for m in range(accumulation)]
+            for part in per_rank]
+
+
 def pair_plan(num_pairs: int, minibatch_size: int, num_workers: int, micro_batch_size: int, epochs: int,
-              generator: torch.Generator) -> list[list[list[list[int]]]]:
+              generator: torch.Generator, lengths: Sequence[int] | None = None) -> list[list[list[list[int]]]]:
     """`minibatch_plan` over pairs whose rows are ``2p`` (chosen) and ``2p + 1`` (rejected): sizes count pairs, and
-    both rows of a pair land in the same micro-batch, next to each other (a padding pair is two -1 rows)."""
+    both rows of a pair land in the same micro-batch, next to each other (a padding pair is two -1 rows).
+
+    ``lengths`` (tokens of each pair's longer row): within each minibatch the pairs are dealt out longest first,
+    so a micro-batch holds pairs of like length and `trim` leaves it little padding. Which pairs share a
+    micro-batch does not change the step: the loss is a mean over the minibatch's pairs either way."""
     plan = minibatch_plan(num_pairs, minibatch_size, num_workers, micro_batch_size, epochs, generator)
+    if lengths is not None:
+        accumulation = minibatch_size // (micro_batch_size * num_workers)
+        for i, minibatch in enumerate(plan):
+            pairs = sorted((p for rank in minibatch for micro in rank for p in micro if p >= 0),
+                           key=lambda p: -lengths[p])
+            pairs += [-1] * (minibatch_size - len(pairs))
+            plan[i] = _layout(pairs, num_workers, micro_batch_size, accumulation)
     return [[[[row for p in micro for row in ((2 * p, 2 * p + 1) if p >= 0 else (-1, -1))] for micro in rank]
              for rank in minibatch] for minibatch in plan]
+
+
+def trim(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A micro-batch cut to its own longest sequence and response: the (B, L) tensors (``input_ids``,
+    ``attention_mask``) to the longest row's tokens, the (B, T) per-response-token ones to the longest response.
+    Rows are right-padded, so only padding goes. Forward results of the cut batch are (B, T') with T' <= T."""
+    if "attention_mask" not in mb or "response_mask" not in mb:
+        return mb
+    L, T = mb["attention_mask"].shape[1], mb["response_mask"].shape[1]
+    if L == T:
+        return mb
+    width = max(1, int(mb["attention_mask"].sum(dim=1).max()))
+    tokens = max(1, int(mb["response_mask"].sum(dim=1).max()))
+    out = {}
+    for name, t in mb.items():
+        if t.dim() >= 2 and t.shape[1] == L:
+            t = t[:, :width]
+        elif t.dim() >= 2 and t.shape[1] == T:
+            t = t[:, :tokens]
+        out[name] = t
+    return out
+
+
+def pad_to(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, T') -> (B, tokens), zeros on the right: a trimmed micro-batch's result back at the batch's width."""
+    return torch.nn.functional.pad(x, (0, tokens - x.shape[1])) if x.shape[1] < tokens else x
 
 
 def select_rows(batch: dict[str, torch.Tensor], rows: Sequence[int]) -> dict[str, torch.Tensor]:

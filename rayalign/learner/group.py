@@ -99,6 +99,9 @@ class Learner:
         resources = {"CPU": learner.num_cpus_per_worker}
         if use_gpu:
             resources["GPU"] = learner.num_gpus_per_worker
+        from rayalign.learner.objectives import objective as find_objective
+
+        self.rows_per_example = find_objective(objective or algorithm.name).rows_per_example
         spec = {"model_path": model_path, "learner": learner, "lora": lora, "algorithm": algorithm, "seed": seed,
                 "objective": objective or algorithm.name, "hub_name": hub_name, "namespace": namespace,
                 "resume_from": resume_from}
@@ -140,7 +143,10 @@ class Learner:
     def forward_async(self, batch_ref: Any, num_rows: int, temperature: float,
                       policy: bool = True) -> "PendingCommand":
         """`forward`, started: the driver does other work (judging) meanwhile, then takes ``.result()``."""
-        shards = [list(range(num_rows))[r::self.world_size] for r in range(self.world_size)]
+        # round-robin over ranks, by example: a pair's two rows stay on one rank (and share their prompt's pass)
+        k = self.rows_per_example if num_rows % self.rows_per_example == 0 else 1
+        shards = [[row for e in range(r, num_rows // k, self.world_size) for row in range(e * k, (e + 1) * k)]
+                  for r in range(self.world_size)]
         # every rank runs as many forward passes (padding rows, -1, fill the short shards): under ZeRO-3 each
         # forward gathers the weights from all ranks, so a rank with one micro-batch fewer would hang the others
         padded = [rows + [-1] * (len(shards[0]) - len(rows)) for rows in shards]

@@ -32,9 +32,15 @@ def build_policy(model_path: str, learner: LearnerConfig, lora: LoraConfig, valu
                 torch.nn.init.normal_(self.value_head.weight, std=1e-3)
                 torch.nn.init.zeros_(self.value_head.bias)
 
-        def forward(self, input_ids, attention_mask, logits_to_keep=0):
+        def forward(self, input_ids, attention_mask, logits_to_keep=0, pairs=None):
             """(B, L) -> logits (B, L, V) (the last ``logits_to_keep`` positions only, when > 0),
-            hidden (B, L, H) | None."""
+            hidden (B, L, H) | None. ``pairs`` = (response_start (B,), response_mask (B, T)) of rows that pair up
+            on shared prompts: -> the response-aligned logits (B, T, V) and the response tokens (B, T), each
+            prompt run once (`rayalign.learner.shared_prompt`)."""
+            if pairs is not None:
+                from rayalign.learner.shared_prompt import paired_response_logits
+
+                return paired_response_logits(self.lm, input_ids, *pairs)
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
                           output_hidden_states=self.value_head is not None, use_cache=False)
             hidden = out.hidden_states[-1] if self.value_head is not None else None
@@ -148,10 +154,32 @@ def _positions(mb: dict[str, Any], device: Any) -> tuple[Any, Any, Any, int]:
     return input_ids, attention_mask, positions.clamp(min=first), first  # the clamp moves only padding rows'
 
 
-def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float) -> tuple[Any, Any, Any]:
-    """The policy's response logprobs (B, T), values (B, T) | None and temperature-scaled logits (B, T, V)."""
+def _paired(model: TrainedModel, mb: dict[str, Any], shared_prompt: bool) -> bool:
+    """Whether this micro-batch runs its pairs' prompts once: asked for, rows that do pair up on their prompts,
+    and not under ZeRO-3 (whose per-module gathers are not tried with two passes in one forward)."""
+    from rayalign.learner.shared_prompt import shares_prompts
+
+    return shared_prompt and not model.zero3 and shares_prompts(mb)
+
+
+def _aligned_logprobs(logits: Any, targets: Any, temperature: float) -> tuple[Any, Any]:
+    import torch
+
+    selected = logits.float() if temperature == 1.0 else logits.float() / temperature
+    return torch.log_softmax(selected, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), selected
+
+
+def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float,
+                   shared_prompt: bool = False) -> tuple[Any, Any, Any]:
+    """The policy's response logprobs (B, T), values (B, T) | None and temperature-scaled logits (B, T, V).
+    ``shared_prompt``: rows 2i and 2i + 1 share their prompt (a paired objective); it runs once (`_paired`)."""
     from rayalign.learner.batch import gather_response, token_logprobs
 
+    if model.policy.value_head is None and _paired(model, mb, shared_prompt):
+        pairs = (mb["response_start"].to(model.device), mb["response_mask"].to(model.device))
+        logits, targets = model.engine(mb["input_ids"].to(model.device), None, pairs=pairs)
+        logprobs, selected = _aligned_logprobs(logits, targets, temperature)
+        return logprobs, None, selected
     input_ids, attention_mask, positions, first = _positions(mb, model.device)
     logits, hidden = model.engine(input_ids, attention_mask, logits_to_keep=input_ids.shape[1] - first)
     logprobs, selected = token_logprobs(logits, input_ids, positions, temperature, first)
@@ -161,10 +189,22 @@ def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float) 
     return logprobs, values, selected
 
 
-def reference_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: float) -> Any:
+def reference_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: float,
+                       shared_prompt: bool = False) -> Any:
     """The reference's response logprobs (B, T): the frozen copy, or the policy with its adapter off."""
     from rayalign.learner.batch import token_logprobs
 
+    if _paired(model, mb, shared_prompt):
+        from rayalign.learner.shared_prompt import paired_response_logits
+
+        args = (mb["input_ids"].to(model.device), mb["response_start"].to(model.device),
+                mb["response_mask"].to(model.device))
+        if model.reference is not None:
+            logits, targets = paired_response_logits(model.reference, *args)
+        else:
+            with model.policy.lm.disable_adapter():
+                logits, targets = paired_response_logits(model.policy.lm, *args)
+        return _aligned_logprobs(logits, targets, temperature)[0]
     input_ids, attention_mask, positions, first = _positions(mb, model.device)
     keep = input_ids.shape[1] - first
     if model.reference is not None:

@@ -31,6 +31,8 @@ class LearnerWorker:
         self.learner: LearnerConfig = spec["learner"]
         self.algo: AlgorithmConfig = spec["algorithm"]
         self.objective = objective(spec.get("objective") or self.algo.name)
+        # paired objectives: each pair's prompt runs once in every forward (`rayalign.learner.shared_prompt`)
+        self.shared_prompt = self.objective.rows_per_example == 2 and self.learner.shared_prompt
         if self.objective.head == "classifier":
             raise NotImplementedError(f"objective {self.objective.name}: the learner builds no classifier head yet")
         ctx = ray.train.get_context()
@@ -79,24 +81,27 @@ class LearnerWorker:
         import ray
         import torch
 
-        from rayalign.learner.batch import select_rows
+        from rayalign.learner.batch import pad_to, select_rows, trim
         from rayalign.learner.model import policy_forward, reference_logprobs
 
         t0 = time.perf_counter()
         batch = ray.get(batch_ref)
+        tokens = batch["response_mask"].shape[1]
         out: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": []}
-        micro = self.learner.micro_batch_size
+        # micro_batch_size counts examples: a paired objective's micro-batch holds twice as many rows
+        micro = self.learner.micro_batch_size * self.objective.rows_per_example
         self.model.engine.eval()
         with torch.no_grad():
             for start in range(0, len(rows), micro):
-                mb = select_rows(batch, rows[start:start + micro])
+                mb = trim(select_rows(batch, rows[start:start + micro]))
                 if policy:
-                    logprobs, values, _ = policy_forward(self.model, mb, temperature)
-                    out["logprobs"].append(logprobs.float().cpu())
+                    logprobs, values, _ = policy_forward(self.model, mb, temperature, self.shared_prompt)
+                    out["logprobs"].append(pad_to(logprobs.float().cpu(), tokens))
                     if values is not None:
-                        out["values"].append(values.cpu())
+                        out["values"].append(pad_to(values.cpu(), tokens))
                 if self.objective.needs_reference:
-                    out["ref_logprobs"].append(reference_logprobs(self.model, mb, temperature).float().cpu())
+                    ref = reference_logprobs(self.model, mb, temperature, self.shared_prompt)
+                    out["ref_logprobs"].append(pad_to(ref.float().cpu(), tokens))
         self.model.engine.train()
         real = torch.tensor([r >= 0 for r in rows], dtype=torch.bool)
         return {**{k: torch.cat(v)[real] if v else None for k, v in out.items()},
@@ -119,7 +124,7 @@ class LearnerWorker:
         import ray
         import torch
 
-        from rayalign.learner.batch import select_rows
+        from rayalign.learner.batch import pad_to, select_rows, trim
         from rayalign.learner.model import policy_forward, reference_logprobs
         from rayalign.learner.objectives import Outputs, token_share
 
@@ -138,19 +143,20 @@ class LearnerWorker:
             rows = [r for part in minibatch for micro in part for r in micro if r >= 0]
             minibatch_units = float(row_weights[rows].sum()) if rows else 0.0
             for micro_rows in minibatch[self.rank]:
-                mb = {k: v.to(self.device) for k, v in select_rows(batch, micro_rows).items()}
+                mb = {k: v.to(self.device) for k, v in trim(select_rows(batch, micro_rows)).items()}
                 if single_pass and objective.needs_reference:
                     with torch.no_grad():
-                        mb["ref_logprobs"] = reference_logprobs(self.model, mb, temperature)
+                        mb["ref_logprobs"] = reference_logprobs(self.model, mb, temperature, self.shared_prompt)
                 with torch.set_grad_enabled(update):
-                    logprobs, values, logits = policy_forward(self.model, mb, temperature)
+                    logprobs, values, logits = policy_forward(self.model, mb, temperature, self.shared_prompt)
                 if single_pass:
                     mb["logprobs"] = logprobs.detach()
                     real = [i for i, r in enumerate(micro_rows) if r >= 0]
                     seen["rows"] += [micro_rows[i] for i in real]
-                    seen["logprobs"].append(mb["logprobs"][real].float().cpu())
+                    tokens = batch["response_mask"].shape[1]
+                    seen["logprobs"].append(pad_to(mb["logprobs"][real].float().cpu(), tokens))
                     if "ref_logprobs" in mb:
-                        seen["ref_logprobs"].append(mb["ref_logprobs"][real].float().cpu())
+                        seen["ref_logprobs"].append(pad_to(mb["ref_logprobs"][real].float().cpu(), tokens))
                 with torch.set_grad_enabled(update):
                     loss, units, stats = objective.loss(Outputs(logprobs, logits, values), mb, settings)
                 if update:
