@@ -175,20 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     def length(example: list) -> int:
         return max(len(r.prompt_token_ids) + len(r.response_token_ids) for r in example)
 
-    def reference_logps(rows: list[list]) -> list[float]:
-        """The reference's summed response logprobs of every row (examples in row order), computed longest
-        examples first in chunks of like length, each padded to its own longest row."""
-        out = [0.0] * sum(len(ex) for ex in rows)
+    learner_seconds = [0.0]
+
+    def reference_logps(rows: list[list], skip: frozenset[int] = frozenset()) -> list[float | None]:
+        """The reference's summed response logprobs of every row (examples in row order; None for the examples
+        in ``skip``), computed longest examples first, so that each micro-batch (cut to its own padding on the
+        learner) holds like lengths; in chunks of 256 examples, to bound what one call holds."""
+        out: list[float | None] = [None] * sum(len(ex) for ex in rows)
         first_row = [0]
         for ex in rows:
             first_row.append(first_row[-1] + len(ex))
-        chunk = max(1, 4 * cfg.learner.micro_batch_size * cfg.learner.num_workers)  # examples per call
-        by_length = sorted(range(len(rows)), key=lambda i: -length(rows[i]))
-        for start in range(0, len(by_length), chunk):
-            picked = by_length[start:start + chunk]
+        by_length = sorted((i for i in range(len(rows)) if i not in skip), key=lambda i: -length(rows[i]))
+        for start in range(0, len(by_length), 256):
+            picked = by_length[start:start + 256]
             batch = pad_rollouts([r for i in picked for r in rows[i]])
-            ref = learner.forward(ray.put(batch), len(batch["response_mask"]), 1.0, policy=False)["ref_logprobs"]
-            sums = (ref * batch["response_mask"]).sum(dim=1).tolist()
+            reply = learner.forward(ray.put(batch), len(batch["response_mask"]), 1.0, policy=False)
+            learner_seconds[0] += reply["seconds"]
+            sums = (reply["ref_logprobs"] * batch["response_mask"]).sum(dim=1).tolist()
             at = 0
             for i in picked:
                 for k in range(len(rows[i])):
@@ -196,13 +199,26 @@ def main(argv: list[str] | None = None) -> int:
                     at += 1
         return out
 
-    t0 = time.perf_counter()
-    needs_reference = objective(algo.name).needs_reference
-    train_ref = reference_logps(train_rows) if needs_reference else None
-    eval_ref = reference_logps(eval_rows) if needs_reference and eval_rows else None
-    tracker.log_metrics({"time/reference_pass": time.perf_counter() - t0}, step=state["step"])
     per_epoch = math.ceil(len(train_rows) / algo.minibatch_size)
     total_steps = trainer.total_steps or per_epoch * algo.epochs
+
+    def step_indices(step: int) -> tuple[int, list[int]]:
+        """(epoch, the examples step ``step`` trains on): the next minibatch of a seeded per-epoch shuffle."""
+        epoch, offset = divmod(step - 1, per_epoch)
+        order = list(range(len(train_rows)))
+        random.Random(trainer.seed * 1_000_003 + epoch).shuffle(order)
+        return epoch, order[offset * algo.minibatch_size:(offset + 1) * algo.minibatch_size]
+
+    t0 = time.perf_counter()
+    needs_reference = objective(algo.name).needs_reference
+    # A fresh run's first step trains a policy that is still the reference (LoRA's B starts at 0, a full finetune
+    # as a copy), so that step's own forward gives its rows' reference logprobs: the pass skips them.
+    from_first_step = frozenset(step_indices(1)[1]) if needs_reference and state["step"] == 0 else frozenset()
+    train_ref = reference_logps(train_rows, from_first_step) if needs_reference else None
+    eval_ref = reference_logps(eval_rows) if needs_reference and eval_rows else None
+    tracker.log_metrics({"time/reference_pass": time.perf_counter() - t0,
+                         "time/reference_pass_learner": learner_seconds[0],
+                         "reference/from_first_step": float(len(from_first_step))}, step=state["step"])
     last_checkpoint = state["step"] if resume_from and not fork else -1
 
     def plan_fn(rows: list[list], indices: list[int], seed: int):
@@ -218,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         picked = [rows[i] for i in indices]
         batch = pad_rollouts([r for ex in picked for r in ex])
         per_example = len(picked[0])
-        if refs is not None:
+        if refs is not None and all(refs[i * per_example] is not None for i in indices):
             batch["ref_logps"] = torch.tensor([refs[i * per_example + k] for i in indices for k in range(per_example)])
         if not algo.paired:
             batch["label"] = torch.tensor([float(labels[i]) for i in indices])
@@ -255,15 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         labels = [e.label for e in train.examples]
         for step in range(state["step"] + 1, total_steps + 1):
-            epoch, offset = divmod(step - 1, per_epoch)
-            order = list(range(len(train_rows)))
-            random.Random(trainer.seed * 1_000_003 + epoch).shuffle(order)
-            indices = order[offset * algo.minibatch_size:(offset + 1) * algo.minibatch_size]
+            epoch, indices = step_indices(step)
             batch = step_batch(train_rows, train_ref, labels, indices)
             plan = plan_fn(train_rows, indices, trainer.seed * 100_003 + step)
+            own_reference = "ref_logps" not in batch and train_ref is not None  # the first step's rows
             t_step = time.perf_counter()
-            stats, _ = learner.train(ray.put(batch), plan, 1.0)
+            stats, seen = learner.train(ray.put(batch), plan, 1.0, policy_is_reference=own_reference)
             seconds = time.perf_counter() - t_step
+            if own_reference:
+                per_example = len(train_rows[indices[0]])
+                for row, value in enumerate(seen["ref_logps"].tolist()):
+                    train_ref[indices[row // per_example] * per_example + row % per_example] = value
             tokens = float(batch["attention_mask"].sum())
             metrics = {f"train/{k}": v for k, v in stats.items() if k != "tokens"}
             metrics.update({"time/train": seconds, "tokens_per_second": tokens / seconds, "epoch": float(epoch)})

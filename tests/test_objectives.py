@@ -180,3 +180,7 @@ def test_trim_cuts_a_micro_batch_to_its_own_padding():
     assert out["response_mask"].shape == (2, 3) and out["advantages"].shape == (2, 3)
     assert out["ref_logps"].shape == (2,) and torch.equal(out["response_start"], mb["response_start"])
     assert pad_to(out["advantages"], 5).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    # a micro-batch of padding rows alone (select_rows' -1 rows) keeps room for one response position
+    padding = {k: torch.zeros_like(v) for k, v in mb.items()}
+    padding["attention_mask"][:, 0] = 1
+    assert trim(padding)["input_ids"].shape == (2, 2) and trim(padding)["response_mask"].shape == (2, 1)

@@ -137,7 +137,7 @@ def trim(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     L, T = mb["attention_mask"].shape[1], mb["response_mask"].shape[1]
     if L == T:
         return mb
-    width = max(1, int(mb["attention_mask"].sum(dim=1).max()))
+    width = min(L, max(2, int(mb["attention_mask"].sum(dim=1).max())))  # a padding-only one keeps 2 columns
     tokens = max(1, int(mb["response_mask"].sum(dim=1).max()))
     out = {}
     for name, t in mb.items():

@@ -159,19 +159,23 @@ class Learner:
         return dataclasses.replace(pending, gather=gather)
 
     def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float = 0.0,
-              single_pass: bool = False, update: bool = True) -> tuple[dict[str, float], dict[str, Any] | None]:
+              single_pass: bool = False, update: bool = True,
+              policy_is_reference: bool = False) -> tuple[dict[str, float], dict[str, Any] | None]:
         """One step's updates. Returns the statistics averaged over ranks (weighted by the objective's units:
         tokens, pairs) and, with ``single_pass`` (see `LearnerWorker.train`), the ``logprobs`` and ``ref_logprobs``
-        of every row in row order, as `forward` would have given them; otherwise None. ``update=False``: the
-        statistics alone, no gradients (evaluation)."""
+        of every row in row order, as `forward` would have given them; with ``policy_is_reference``, every row's
+        ``ref_logps`` (B,); otherwise None. ``update=False``: the statistics alone, no gradients (evaluation)."""
         replies = self._call("train", batch_ref=batch_ref, plan=plan, temperature=temperature, kl_coef=kl_coef,
-                             single_pass=single_pass, update=update)
+                             single_pass=single_pass, update=update, policy_is_reference=policy_is_reference)
         seen = None
         if single_pass:
             seen = _in_row_order(replies, [r.pop("rows") for r in replies], ("logprobs", "ref_logprobs"))
+        if policy_is_reference:
+            seen = _in_row_order(replies, [r.pop("rows") for r in replies], ("ref_logps",))
+            seen["ref_logps"] = seen["ref_logps"][:, 0]
         tokens = sum(r.get("tokens", 0.0) for r in replies) or 1.0
         keys = {k for r in replies for k in r} - {"tokens", "optimizer_steps", "lr", "grad_norm", "logprobs",
-                                                  "ref_logprobs"}
+                                                  "ref_logprobs", "ref_logps"}
         stats = {k: sum(r.get(k, 0.0) * r.get("tokens", 0.0) for r in replies) / tokens for k in keys}
         stats.update(optimizer_steps=replies[0]["optimizer_steps"], lr=replies[0]["lr"])
         if "grad_norm" in replies[0]:

@@ -49,12 +49,15 @@ def paired_response_logits(lm: Any, input_ids: torch.Tensor, response_start: tor
     offsets = torch.arange(T, device=device)[None, :]
     targets = input_ids.gather(1, (response_start[:, None] + offsets).clamp(max=input_ids.shape[1] - 1))
     targets = targets * response_mask.long()
-    attention = torch.cat([prompt_mask.repeat_interleave(2, dim=0), response_mask.long()], dim=1)
-    positions = prompt_len.repeat_interleave(2)[:, None] + offsets
-    follow = lm(input_ids=targets, attention_mask=attention, position_ids=positions, past_key_values=cache,
+    first = out.logits[:, -1:].repeat_interleave(2, dim=0)
+    if T == 1:
+        return first, targets
+    # the responses but their last token, which predicts nothing
+    attention = torch.cat([prompt_mask.repeat_interleave(2, dim=0), response_mask[:, :-1].long()], dim=1)
+    positions = prompt_len.repeat_interleave(2)[:, None] + offsets[:, :-1]
+    follow = lm(input_ids=targets[:, :-1], attention_mask=attention, position_ids=positions, past_key_values=cache,
                 use_cache=True).logits
-    logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, dim=0), follow[:, :-1]], dim=1)
-    return logits, targets
+    return torch.cat([first, follow], dim=1), targets
 
 
 def paired_logprobs(lm: Any, mb: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:

@@ -108,7 +108,7 @@ class LearnerWorker:
                 "seconds": time.perf_counter() - t0}
 
     def train(self, batch_ref: Any, plan: list, temperature: float, kl_coef: float,
-              single_pass: bool = False, update: bool = True) -> dict[str, Any]:
+              single_pass: bool = False, update: bool = True, policy_is_reference: bool = False) -> dict[str, Any]:
         """Updates over the driver's plan (``plan[minibatch][rank][micro]`` = row indices) with this learner's
         objective: each micro-batch's mean loss is scaled by its share of the minibatch (`token_share`), so one
         optimizer step minimises the mean over the whole minibatch, padding rows included as zeros.
@@ -120,6 +120,11 @@ class LearnerWorker:
         ``ref_logprobs`` (this rank's rows, as `forward` would have returned them) for the driver's KL figures.
 
         ``update=False``: the same pass and statistics without gradients or optimizer steps (evaluation).
+
+        ``policy_is_reference``: the policy has not been updated yet (a fresh run's first step), so it is the
+        reference: each row's ``ref_logps`` (summed response logprobs) are its own, detached, and the reply adds
+        ``rows`` and ``ref_logps`` ((rows, 1)) for the driver to keep. (An offline objective's reference pass can
+        then skip the first step's rows.)
         """
         import ray
         import torch
@@ -130,6 +135,8 @@ class LearnerWorker:
 
         if single_pass and len(plan) != 1:
             raise ValueError(f"single_pass needs a plan of exactly one optimizer step, got {len(plan)}")
+        if policy_is_reference and (single_pass or len(plan) != 1):
+            raise ValueError("policy_is_reference needs one optimizer step, without single_pass")
         batch = ray.get(batch_ref)
         objective, engine = self.objective, self.model.engine
         settings = objective.settings(self.algo, kl_coef)
@@ -138,7 +145,7 @@ class LearnerWorker:
         sums: dict[str, float] = {}
         seen_units = 0.0
         grad_norms = []
-        seen: dict[str, list] = {"rows": [], "logprobs": [], "ref_logprobs": []}
+        seen: dict[str, list] = {"rows": [], "logprobs": [], "ref_logprobs": [], "ref_logps": []}
         for minibatch in plan:
             rows = [r for part in minibatch for micro in part for r in micro if r >= 0]
             minibatch_units = float(row_weights[rows].sum()) if rows else 0.0
@@ -149,6 +156,11 @@ class LearnerWorker:
                         mb["ref_logprobs"] = reference_logprobs(self.model, mb, temperature, self.shared_prompt)
                 with torch.set_grad_enabled(update):
                     logprobs, values, logits = policy_forward(self.model, mb, temperature, self.shared_prompt)
+                if policy_is_reference:
+                    mb["ref_logps"] = (logprobs.detach() * mb["response_mask"]).sum(dim=1)
+                    real = [i for i, r in enumerate(micro_rows) if r >= 0]
+                    seen["rows"] += [micro_rows[i] for i in real]
+                    seen["ref_logps"].append(mb["ref_logps"][real][:, None].float().cpu())
                 if single_pass:
                     mb["logprobs"] = logprobs.detach()
                     real = [i for i, r in enumerate(micro_rows) if r >= 0]
@@ -174,6 +186,8 @@ class LearnerWorker:
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = float(engine.get_lr()[0])
+        if policy_is_reference:
+            out.update(rows=seen["rows"], ref_logps=torch.cat(seen["ref_logps"]) if seen["ref_logps"] else None)
         if single_pass:
             out.update(rows=seen["rows"], logprobs=torch.cat(seen["logprobs"]) if seen["logprobs"] else None,
                        ref_logprobs=torch.cat(seen["ref_logprobs"]) if seen["ref_logprobs"] else None)
