@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,28 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import run_logged  # noqa: E402  (benchmarks/harness.py, beside this script)
+
 LORA_RANK, LORA_ALPHA = 16, 32
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR, BETA, MAX_LENGTH, SEED = 5e-4, 0.1, 512, 0
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    env.pop("MLFLOW_TRACKING_URI", None)  # the job's default store: sqlite:///<cwd>/mlflow.db
-    return env
-
-
-def run_logged(cmd: list[str], cwd: Path, log: Path, what: str) -> float:
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=cwd, env=child_env(), stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        tail = log.read_text(errors="replace").splitlines()[-40:]
-        raise SystemExit(f"{what} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail))
-    seconds = time.perf_counter() - t0
-    print(f"{what}: done in {seconds:.0f} s (log {log})", flush=True)
-    return seconds
 
 
 def write_pairs(n: int, path: Path) -> None:

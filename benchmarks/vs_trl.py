@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,28 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import run_logged  # noqa: E402  (benchmarks/harness.py, beside this script)
+
 LORA_RANK, LORA_ALPHA = 16, 32
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR, KL_COEF, TEMPERATURE, MICRO_BATCH, SEED = 5e-5, 0.05, 1.0, 4, 0
 RULE = "vegetarian_lexicon"
 PHASES = ("generate", "judge", "logprobs", "train", "sync")
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    env.pop("MLFLOW_TRACKING_URI", None)  # the job's default store: sqlite:///<cwd>/mlflow.db
-    return env
-
-
-def run_logged(cmd: list[str], cwd: Path, log: Path, what: str) -> None:
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=cwd, env=child_env(), stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        tail = log.read_text(errors="replace").splitlines()[-40:]
-        raise SystemExit(f"{what} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail))
-    print(f"{what}: done in {time.perf_counter() - t0:.0f} s (log {log})", flush=True)
 
 
 def mean_after_first(values: list[float]) -> float:
