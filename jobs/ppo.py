@@ -1,4 +1,5 @@
-"""RLAIF: align a chat policy to a written policy with an LLM judge, using PPO, GRPO or RLOO.
+"""RLAIF: align a chat policy to a written policy with an LLM judge, using PPO, GRPO, RLOO, REINFORCE++ (and
+-baseline), Dr. GRPO or GSPO, with DAPO's options and truncated importance sampling as settings.
 
 Each step: take the next prompts -> sample responses on the vLLM rollout engines -> score them with the reward
 (an LLM judge on Ray Serve, alone or with rule components) while the learner (Ray Train workers running
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                         [dataset.prompts[i] for i in prompt_indices(len(dataset.prompts), k, step,
                                                                     trainer.seed + 7919 * r)],
                         dataclasses.replace(sampling, seed=sampling.seed + 7919 * r)), judge, times)
-                judge_failures_total += refill["judge/failures"]
+                judge_failures_total += int(refill["judge/failures"])
                 metrics.update({f"dynamic_sampling/{k}": v for k, v in refill.items()},
                                **{"judge/failures": failed + refill["judge/failures"],
                                   "judge/failures_total": judge_failures_total, "samples/kept": len(rollouts)})
