@@ -162,11 +162,14 @@ def _paired(model: TrainedModel, mb: dict[str, Any], shared_prompt: bool) -> boo
     return shared_prompt and not model.zero3 and shares_prompts(mb)
 
 
-def _aligned_logprobs(logits: Any, targets: Any, temperature: float) -> tuple[Any, Any]:
-    import torch
-
-    selected = logits.float() if temperature == 1.0 else logits.float() / temperature
-    return torch.log_softmax(selected, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), selected
+@contextlib.contextmanager
+def _reference_lm(model: TrainedModel):
+    """The reference as an HF LM: the frozen copy, or the policy's LM with its adapter off (inside the block)."""
+    if model.reference is not None:
+        yield model.reference
+    else:
+        with model.policy.lm.disable_adapter():
+            yield model.policy.lm
 
 
 def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float,
@@ -177,8 +180,10 @@ def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float,
 
     if model.policy.value_head is None and _paired(model, mb, shared_prompt):
         pairs = (mb["response_start"].to(model.device), mb["response_mask"].to(model.device))
+        from rayalign.learner.shared_prompt import aligned_logprobs
+
         logits, targets = model.engine(mb["input_ids"].to(model.device), None, pairs=pairs)
-        logprobs, selected = _aligned_logprobs(logits, targets, temperature)
+        logprobs, selected = aligned_logprobs(logits, targets, temperature)
         return logprobs, None, selected
     input_ids, attention_mask, positions, first = _positions(mb, model.device)
     logits, hidden = model.engine(input_ids, attention_mask, logits_to_keep=input_ids.shape[1] - first)
@@ -195,23 +200,15 @@ def reference_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: flo
     from rayalign.learner.batch import token_logprobs
 
     if _paired(model, mb, shared_prompt):
-        from rayalign.learner.shared_prompt import paired_response_logits
+        from rayalign.learner.shared_prompt import aligned_logprobs, paired_response_logits
 
-        args = (mb["input_ids"].to(model.device), mb["response_start"].to(model.device),
-                mb["response_mask"].to(model.device))
-        if model.reference is not None:
-            logits, targets = paired_response_logits(model.reference, *args)
-        else:
-            with model.policy.lm.disable_adapter():
-                logits, targets = paired_response_logits(model.policy.lm, *args)
-        return _aligned_logprobs(logits, targets, temperature)[0]
+        with _reference_lm(model) as lm:
+            logits, targets = paired_response_logits(lm, mb["input_ids"].to(model.device),
+                                                     mb["response_start"].to(model.device),
+                                                     mb["response_mask"].to(model.device))
+        return aligned_logprobs(logits, targets, temperature)[0]
     input_ids, attention_mask, positions, first = _positions(mb, model.device)
-    keep = input_ids.shape[1] - first
-    if model.reference is not None:
-        logits = model.reference(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
-                                 use_cache=False).logits
-    else:
-        with model.policy.lm.disable_adapter():
-            logits = model.policy.lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
-                                     use_cache=False).logits
+    with _reference_lm(model) as lm:
+        logits = lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=input_ids.shape[1] - first,
+                    use_cache=False).logits
     return token_logprobs(logits, input_ids, positions, temperature, first)[0]

@@ -60,11 +60,18 @@ def paired_response_logits(lm: Any, input_ids: torch.Tensor, response_start: tor
     return torch.cat([first, follow], dim=1), targets
 
 
+def aligned_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response-aligned logits (B, T, V) and tokens (B, T) -> logprobs (B, T) under ``logits / temperature``,
+    and those temperature-scaled float logits (for the entropy)."""
+    selected = logits.float() if temperature == 1.0 else logits.float() / temperature
+    return torch.log_softmax(selected, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), selected
+
+
 def paired_logprobs(lm: Any, mb: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     """Response logprobs (B, T) of a paired micro-batch, each prompt run once (`paired_response_logits`)."""
     logits, targets = paired_response_logits(lm, mb["input_ids"], mb["response_start"], mb["response_mask"])
-    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return aligned_logprobs(logits, targets, temperature)[0]
 
 
 def plain_logprobs(lm: Any, mb: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
