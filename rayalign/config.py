@@ -125,6 +125,8 @@ class EngineConfig:
     """Ray CPUs reserved for each engine actor."""
     num_gpus: float = 0.0
     """Ray GPUs reserved for each engine actor (0 on CPU; tensor_parallel_size on GPU)."""
+    accelerator_type: str = ""
+    """Ray accelerator type the engines must run on (e.g. "H100", "A10G"); "" takes any node that fits."""
     enforce_eager: bool = True
     """Skip torch.compile and CUDA graphs: much faster engine start, somewhat slower decode (README, "Configs")."""
     cpu_threads_bind: str = "split"
@@ -319,6 +321,31 @@ class DataConfig:
     def validate(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit: expected an int >= 1 or null, got {self.limit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int = 32
+    """Rows per batch sent to each vLLM engine (and to the judge) by the Ray Data stages."""
+    shard_size: int = 32
+    """Input rows per output shard: the unit written at once, and the most a crash can lose."""
+
+    def validate(self) -> None:
+        require_at_least("pipeline.batch_size", self.batch_size, 1)
+        require_at_least("pipeline.shard_size", self.shard_size, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    dir: str = ""
+    """Output directory: a folder of Parquet shards per table and manifest.json. A re-run with the same settings
+    skips the shards already written."""
+    overwrite: bool = False
+    """Start over in a directory that holds shards made with other settings (otherwise refused)."""
+
+    def validate(self) -> None:
+        if not self.dir:
+            raise ConfigError("output.dir: the generation jobs need an output directory")
 
 
 GROUPED_ALGORITHMS = frozenset({"grpo", "rloo", "reinforce_pp_baseline", "dr_grpo", "gspo"})

@@ -81,14 +81,17 @@ def _vllm_env(engine: EngineConfig, index: int) -> dict[str, str]:
 
 def judge_replica_options(judge: JudgeConfig) -> dict[str, Any]:
     """``ray_actor_options`` of each judge Serve replica (Serve restarts replicas that die)."""
-    return {"num_cpus": judge.engine.num_cpus, "num_gpus": judge.engine.num_gpus,
-            "runtime_env": {"env_vars": _vllm_env(judge.engine, 0)}}
+    options: dict[str, Any] = {"num_cpus": judge.engine.num_cpus, "num_gpus": judge.engine.num_gpus,
+                               "runtime_env": {"env_vars": _vllm_env(judge.engine, 0)}}
+    if judge.engine.accelerator_type:
+        options["accelerator_type"] = judge.engine.accelerator_type
+    return options
 
 
 def engine_actor_options(engine: EngineConfig, index: int = 0) -> dict[str, Any]:
     """Ray actor options for engine ``index`` of ``engine.num_engines``."""
     env = _vllm_env(engine, index)
-    return {
+    options: dict[str, Any] = {
         "num_cpus": engine.num_cpus,
         "num_gpus": engine.num_gpus,
         "runtime_env": {"env_vars": env},
@@ -97,6 +100,9 @@ def engine_actor_options(engine: EngineConfig, index: int = 0) -> dict[str, Any]
         "max_restarts": -1,
         "max_task_retries": 2,
     }
+    if engine.accelerator_type:
+        options["accelerator_type"] = engine.accelerator_type
+    return options
 
 
 def on_node(fn: Any, node_id: str) -> Any:

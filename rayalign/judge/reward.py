@@ -55,25 +55,26 @@ class CompositeReward:
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
         per_part = [(name, weight, fn(prompts, responses)) for name, weight, fn in self.parts]
-        total_weight = sum(abs(w) for _, w, _ in self.parts) or 1.0
-        out = []
-        for i in range(len(prompts)):
-            failed = [(name, js[i]) for name, _, js in per_part if not js[i].ok]
-            if failed:
-                name, j = failed[0]
-                out.append(Judgement(None, None, raw=j.raw, error=f"{name}: {j.error}"))
-                continue
-            components = tuple((name, js[i].reward) for name, _, js in per_part)
-            reward = sum(w * js[i].reward for _, w, js in per_part)  # type: ignore[operator]
-            score = sum(abs(w) * js[i].score for _, w, js in per_part) / total_weight  # type: ignore[operator]
-            raw = " | ".join(f"{name}: {js[i].raw}" for name, _, js in per_part if js[i].raw)
-            out.append(Judgement(score, reward, raw=raw, components=components))
-        return out
+        return [combine([(name, weight, js[i]) for name, weight, js in per_part]) for i in range(len(prompts))]
 
     def shutdown(self) -> None:
         for _, _, fn in self.parts:
             if hasattr(fn, "shutdown"):
                 fn.shutdown()
+
+
+def combine(parts: Sequence[tuple[str, float, Judgement]]) -> Judgement:
+    """One sample's composite judgement from its (name, weight, judgement) per component: failed when any
+    component failed (named in the error), else reward = sum(w * reward), score = the |w|-weighted mean score."""
+    failed = [(name, j) for name, _, j in parts if not j.ok]
+    if failed:
+        name, j = failed[0]
+        return Judgement(None, None, raw=j.raw, error=f"{name}: {j.error}")
+    total_weight = sum(abs(w) for _, w, _ in parts) or 1.0
+    reward = sum(w * j.reward for _, w, j in parts)  # type: ignore[operator]
+    score = sum(abs(w) * j.score for _, w, j in parts) / total_weight  # type: ignore[operator]
+    raw = " | ".join(f"{name}: {j.raw}" for name, _, j in parts if j.raw)
+    return Judgement(score, reward, raw=raw, components=tuple((name, j.reward) for name, _, j in parts))
 
 
 def build_judge(config: JudgeConfig) -> Any:

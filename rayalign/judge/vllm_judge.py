@@ -3,7 +3,8 @@
 `JudgeCore` holds one vLLM engine and judges a list of (prompt, response) pairs in one engine call. The Serve
 deployment `JudgeDeployment` wraps it: ``judge`` takes one pair and Serve gathers concurrent requests into
 batches of up to ``max_batch_size`` (``judge_unbatched`` takes the same request without batching, for
-comparison); ``judge_many`` takes a whole list in one request (what the training driver uses); ``compare_many``
+comparison); ``judge_many`` takes a whole list in one request (what the training driver uses); ``judge_row`` is
+``judge`` as a stream of one reply, the form `ray.data.llm`'s ServeDeploymentProcessorConfig calls; ``compare_many``
 takes a list of (prompt, first, second) and says which response is better, from P("A") vs P("B") of the first
 answer token (pairwise evaluation, `rayalign.judge.pairwise`).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import time
 import logging
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from rayalign.config import JudgeConfig
 from rayalign.judge.pairwise import Choice, choice_from_logprobs, pairwise_messages
@@ -133,6 +134,12 @@ def judge_deployment(model_path: str, config: JudgeConfig) -> Any:
 
         async def compare_many(self, items: list[tuple[str, str, str]]) -> list[Choice | None]:
             return self.core.compare(items)
+
+        async def judge_row(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+            """One row of a Ray Data pipeline (`ray.data.llm`'s Serve stage streams its calls): batched with
+            every other request in flight, answered as plain columns."""
+            j = await self.judge((request["prompt"], request["response"]))
+            yield {"score": j.score, "reward": j.reward, "raw": j.raw, "error": j.error or ""}
 
     options: dict[str, Any] = {"ray_actor_options": judge_replica_options(config)}
     if config.max_replicas > config.num_replicas:
