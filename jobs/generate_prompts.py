@@ -3,7 +3,8 @@
 Each of ``topics.per_topic`` requests per topic asks the LLM (the embedded SmolLM2 by default) for one customer
 question as a small JSON object. Answers are parsed (code fences, text around the object, single quotes and
 trailing commas repaired), too short / too long ones and exact or near duplicates (MinHash over word 3-grams)
-dropped, and the rest split train/holdout by a hash of their text. Every dropped row is counted by reason, on
+dropped, as are those that duplicate the evaluation prompts (``filter.exclude``), and the rest split
+train/holdout by a hash of their text. Every dropped row is counted by reason, on
 stdout and in MLflow. Output: Parquet shards under ``output.dir`` (re-run to resume) and ``train.jsonl`` /
 ``holdout.jsonl``, ready as ``data.prompts`` of jobs/ppo.py.
 
@@ -51,6 +52,9 @@ class QuestionFilter:
     """Share of the questions put in the held-out split (by a hash of the text: stable across runs)."""
     split_seed: int = 0
     """Salt of the split hash."""
+    exclude: str = "builtin:vegetarian/holdout"
+    """Prompts that generated questions must not duplicate, exactly or nearly (dropped as in_excluded_set): the
+    held-out set the models are evaluated on, so no training prompt leaks into it. Empty: none."""
     require_question_mark: bool = True
     """Drop texts without a "?" (not_a_question): a small model often writes a statement or a story instead."""
 
@@ -97,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.job import INPUT_ERRORS, refuse, start_ray
     from rayalign.models import resolve_base
 
+    from rayalign.data.prompts import load_prompts
+
     try:
         topics = load_topics(cfg.topics.file)
+        if cfg.filter.exclude:
+            load_prompts(cfg.filter.exclude)  # a missing or empty file is refused now
         model_path = resolve_base(cfg.model.name)
     except INPUT_ERRORS as e:
         return refuse(e)
@@ -127,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # shards finish in order
 
     index = NearDuplicateIndex(cfg.filter.near_duplicate_threshold)
+    excluded = NearDuplicateIndex(cfg.filter.near_duplicate_threshold)
+    if cfg.filter.exclude:
+        for text in load_prompts(cfg.filter.exclude).prompts:
+            excluded.add(text)
     for row in out.rows("prompts"):  # a resumed run dedupes against what earlier runs kept
         index.check(row["prompt"])
     pending = [s for s in range(num_shards) if s not in out.done()]
@@ -169,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             reason = reason or length_problem(question or "", cfg.filter.min_words, cfg.filter.max_words)
             if not reason and cfg.filter.require_question_mark and "?" not in (question or ""):
                 reason = "not_a_question"
+            if not reason and excluded.find(question or ""):
+                reason = "in_excluded_set"
             reason = reason or index.check(question or "")
             if reason:
                 reasons[reason] += 1

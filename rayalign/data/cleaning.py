@@ -63,7 +63,8 @@ def parse_json_field(text: str, field: str) -> tuple[str | None, str]:
     """The string ``field`` of the JSON object in an LLM's answer, and "" -- or (None, reason) when there is none.
 
     Repaired: a code fence around the object, text before or after it, a trailing comma, single-quoted strings,
-    an object cut off before its closing quote and brace.
+    an object cut off before its closing quote and brace; failing that, the field's first whole string value is
+    taken from a broken object (``{"question": "Is tofu ok?" I wonder]``).
     Reasons: ``no_json_object``, ``bad_json``, ``missing_field`` (also a non-string or empty value).
     """
     fenced = _FENCE.search(text)
@@ -77,7 +78,11 @@ def parse_json_field(text: str, field: str) -> tuple[str | None, str]:
     try:
         value = _loads_repaired(candidate)
     except ValueError:
-        return None, "bad_json"
+        # the field's own string is often whole when the object around it is not (a stray quote, junk after it)
+        match = re.search(r'"' + re.escape(field) + r'"\s*:\s*"((?:[^"\\]|\\.)*)"', body)
+        if match is None:
+            return None, "bad_json"
+        value = {field: json.loads(f'"{match.group(1)}"')}
     item = value.get(field) if isinstance(value, dict) else None
     if not isinstance(item, str) or not item.strip():
         return None, "missing_field"
@@ -129,26 +134,36 @@ class NearDuplicateIndex:
         """MinHash estimate of the Jaccard similarity of two signatures."""
         return sum(x == y for x, y in zip(a, b)) / len(a)
 
-    def check(self, text: str) -> str:
-        """"" when ``text`` is new (it is then remembered), else "exact_duplicate" or "near_duplicate"."""
-        key = normalise(text)
-        if key in self._exact:
+    def _bands(self, sig: tuple[int, ...]) -> list[tuple[int, tuple[int, ...]]]:
+        return [(b, sig[b * self.rows:(b + 1) * self.rows]) for b in range(self.bands)]
+
+    def find(self, text: str) -> str:
+        """"exact_duplicate" or "near_duplicate" when ``text`` matches a remembered text, else ""."""
+        if normalise(text) in self._exact:
             return "exact_duplicate"
         sig = self.signature(text)
-        bands = [(b, sig[b * self.rows:(b + 1) * self.rows]) for b in range(self.bands)]
         seen: set[int] = set()
-        for band in bands:
+        for band in self._bands(sig):
             for j in self._buckets.get(band, ()):
                 if j not in seen:
                     seen.add(j)
                     if self.similarity(sig, self._signatures[j]) >= self.threshold:
                         return "near_duplicate"
-        self._exact.add(key)
-        index = len(self._signatures)
-        self._signatures.append(sig)
-        for band in bands:
-            self._buckets.setdefault(band, []).append(index)
         return ""
+
+    def add(self, text: str) -> None:
+        self._exact.add(normalise(text))
+        sig = self.signature(text)
+        for band in self._bands(sig):
+            self._buckets.setdefault(band, []).append(len(self._signatures))
+        self._signatures.append(sig)
+
+    def check(self, text: str) -> str:
+        """`find`, and a new ``text`` is remembered."""
+        reason = self.find(text)
+        if not reason:
+            self.add(text)
+        return reason
 
 
 def holdout_split(text: str, holdout_fraction: float, seed: int = 0) -> str:

@@ -17,7 +17,8 @@ flight). An ``openai`` judge is called by rayalign's `OpenAIJudge` in a ``map_ba
 ``HttpRequestProcessorConfig``: that stage raises on the first row whose retries run out, which fails the whole
 dataset, where a judge failure must drop and count that row only. Rules run in a ``map_batches`` stage.
 
-Rows keep every column they came in with; stages add theirs. Each output row carries the ``shard`` it came from;
+Rows keep every column they came in with; stages add theirs. The chat template stage writes the templated text to
+``prompt``: a column of that name does not survive a vLLM stage (the jobs carry theirs as ``user_prompt``). Each output row carries the ``shard`` it came from;
 `run_sharded` hands the driver one finished shard at a time, so the driver holds at most the shards in flight.
 """
 
@@ -27,7 +28,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Any, Callable, Iterable, Mapping, Sequence
+import math
+import os
+import signal
+from typing import Any, Callable, Mapping, Sequence
 
 from rayalign.config import ConfigError, EngineConfig, JudgeConfig, ModelConfig, RewardConfig, SamplingConfig
 from rayalign.types import Judgement
@@ -36,6 +40,9 @@ log = logging.getLogger(__name__)
 
 LIGHT_STAGE_CPUS = 0.1
 """Ray CPUs each light stage reserves (see the module docstring: Ray Data's default of 1 deadlocks 2 CPUs)."""
+
+KILL_AFTER_SHARDS_ENV = "RAYALIGN_KILL_AFTER_SHARDS"
+"""Fault injection for crash tests: the driver SIGKILLs itself right after writing this many shards."""
 
 GENERATION_ERROR = "__inference_error__"
 """The column `ray.data.llm` sets on a row whose request failed (``should_continue_on_error``)."""
@@ -188,7 +195,7 @@ def reward_stage(reward: RewardConfig, *, judge_app: str | None = None, batch_si
 
     ``judge_app``: the Serve application hosting rayalign's judge (`rayalign.judge.vllm_judge.ServeJudge`),
     needed when a component is the ``vllm`` judge."""
-    from rayalign.judge.reward import RuleReward, _components, combine
+    from rayalign.judge.reward import RuleReward, _components
 
     components = _components(reward)
     for c in components:
@@ -215,18 +222,39 @@ def reward_stage(reward: RewardConfig, *, judge_app: str | None = None, batch_si
                 ds = ds.map_batches(score_rule, batch_size=batch_size, num_cpus=LIGHT_STAGE_CPUS)
 
         def total(row: dict[str, Any]) -> dict[str, Any]:
-            parts = []
-            for c in components:
-                score, rew, raw, error = part_columns(c.name)
-                parts.append((c.name, c.weight, Judgement(row.get(score), row.get(rew), raw=row.get(raw) or "",
-                                                          error=row.get(error) or None)))
-            j = combine(parts)
-            return {**row, "score": j.score, "reward": j.reward, "reward_error": j.error or "",
-                    "components": json.dumps(dict(j.components))}
+            return {**row, **combine_row(row, components)}
 
         return ds.map(total, num_cpus=LIGHT_STAGE_CPUS)
 
     return apply
+
+
+def finite_or_none(value: Any) -> float | None:
+    """A score column's value: None for a missing one, including the NaN that a None becomes in Ray Data's
+    numeric columns (a NaN score must never pass for a judged one)."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def part_judgement(row: Mapping[str, Any], name: str) -> Judgement:
+    """Component ``name``'s judgement of a row: failed when its error column is set or its reward is missing."""
+    score, reward, raw, error = part_columns(name)
+    s, r, e = finite_or_none(row.get(score)), finite_or_none(row.get(reward)), str(row.get(error) or "")
+    if e or s is None or r is None:
+        return Judgement(None, None, raw=str(row.get(raw) or ""), error=e or "no score")
+    return Judgement(s, r, raw=str(row.get(raw) or ""))
+
+
+def combine_row(row: Mapping[str, Any], components: Sequence[Any]) -> dict[str, Any]:
+    """The composite columns of a row judged by every component: ``score``, ``reward`` (None when any component
+    failed), ``reward_error`` and ``components`` (JSON of the per-component rewards)."""
+    from rayalign.judge.reward import combine
+
+    j = combine([(c.name, c.weight, part_judgement(row, c.name)) for c in components])
+    return {"score": j.score, "reward": j.reward, "reward_error": j.error or "",
+            "components": json.dumps(dict(j.components))}
 
 
 def _serve_judge(ds: Any, name: str, app: str, judge: JudgeConfig, batch_size: int) -> Any:
@@ -242,9 +270,13 @@ def _serve_judge(ds: Any, name: str, app: str, judge: JudgeConfig, batch_size: i
     def post(row: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in row.items() if k not in _SERVE_COLUMNS}
         failed = row.get(GENERATION_ERROR) or ""
-        j = (Judgement(None, None, error=f"judge request failed: {str(failed).splitlines()[0][:200]}") if failed
-             else Judgement(row.get("score"), row.get("reward"), raw=row.get("raw") or "",
-                            error=row.get("error") or None))
+        score, reward = finite_or_none(row.get("score")), finite_or_none(row.get("reward"))
+        if failed:
+            j = Judgement(None, None, error=f"judge request failed: {str(failed).splitlines()[0][:200]}")
+        elif row.get("error") or score is None or reward is None:
+            j = Judgement(None, None, raw=row.get("raw") or "", error=row.get("error") or "no score")
+        else:
+            j = Judgement(score, reward, raw=row.get("raw") or "")
         for key in ("score", "reward", "raw", "error"):
             out.pop(key, None)
         return {**out, **_judgement_columns(name, j)}
@@ -267,15 +299,19 @@ def run_sharded(ds: Any, expected: Mapping[int, int], finish: Callable[[int, lis
                 *, progress: Callable[[int, int], None] | None = None) -> None:
     """Stream ``ds``'s rows (each with a ``shard`` column) into the driver; when shard s has ``expected[s]``
     rows, call ``finish(s, rows)`` and forget them. Shards expecting no rows finish first. ``progress(done,
-    total)`` is called after each shard. Raises RuntimeError when the stream ends with a shard incomplete."""
+    total)`` is called after each shard. With $RAYALIGN_KILL_AFTER_SHARDS=n the process kills itself (SIGKILL)
+    after its n-th shard: how the tests crash a job at a known point. Raises RuntimeError when the stream ends with a shard incomplete."""
     pending: dict[int, list[dict[str, Any]]] = {}
     finished: set[int] = set()
+    kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, "0") or 0)
 
     def close(shard: int, rows: list[dict[str, Any]]) -> None:
         finish(shard, rows)
         finished.add(shard)
         if progress:
             progress(len(finished), len(expected))
+        if kill_after and len(finished) >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     for shard in sorted(s for s, n in expected.items() if n == 0):
         close(shard, [])

@@ -124,3 +124,109 @@ def prompt_indices(num_prompts: int, per_step: int, step: int, seed: int) -> lis
             random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
         out.append(orders[epoch][offset])
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class InputShard:
+    """A slice of a prompt file, as `plan_input_shards` found it: rows ``first_row`` .. ``first_row + rows``."""
+
+    index: int
+    first_row: int
+    rows: int
+    offset: int
+    """JSONL: the byte offset of the shard's first line (a worker seeks there); Parquet: 0."""
+    prompts: int
+    """Usable prompts in the shard."""
+    skipped: dict[str, int]
+    """Rows left out, by reason: ``bad_json_line``, ``missing_prompt`` (no such field, or not a string),
+    ``empty_prompt``."""
+
+
+def _row_prompt(row: object, field: str) -> tuple[str | None, str]:
+    value = row.get(field) if isinstance(row, dict) else None
+    if not isinstance(value, str):
+        return None, "missing_prompt"
+    if not value.strip():
+        return None, "empty_prompt"
+    return value.strip(), ""
+
+
+def _iter_rows(path: Path, field: str, offset: int = 0) -> Any:
+    """(byte offset, prompt or None, reason) per row of a JSONL or Parquet file, streamed, from ``offset``."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            reader = pq.ParquetFile(path)
+        except OSError as e:
+            raise DatasetError(f"{path}: not a readable Parquet file ({e})") from None
+        if field not in reader.schema_arrow.names:
+            raise DatasetError(f"{path}: no '{field}' column (columns: {', '.join(reader.schema_arrow.names)})")
+        for batch in reader.iter_batches(columns=[field], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                yield (0, *_row_prompt({field: value}, field))
+        return
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            start = f.tell()
+            line = f.readline()
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                yield start, None, "bad_json_line"
+                continue
+            yield (start, *_row_prompt(row, field))
+
+
+def plan_input_shards(name: str, shard_size: int, *, limit: int | None = None, field: str = "prompt"
+                      ) -> tuple[Path, list[InputShard]]:
+    """Read ``name`` once, streaming (memory flat in its length), and cut it into shards of ``shard_size``
+    rows (the last ones may hold fewer; with ``limit``, rows after the ``limit``-th usable prompt are left out)."""
+    path = dataset_path(name)
+    if not path.is_file():
+        raise DatasetError(f"{name}: prompt file not found")
+    shards: list[InputShard] = []
+    row = usable = 0
+    current: dict[str, Any] | None = None
+    for offset, prompt, reason in _iter_rows(path, field):
+        if limit is not None and usable >= limit:
+            break
+        if current is None:
+            current = {"index": len(shards), "first_row": row, "rows": 0, "offset": offset, "prompts": 0,
+                       "skipped": {}}
+        current["rows"] += 1
+        if prompt is None:
+            current["skipped"][reason] = current["skipped"].get(reason, 0) + 1
+        else:
+            current["prompts"] += 1
+            usable += 1
+        row += 1
+        if current["rows"] == shard_size:
+            shards.append(InputShard(**current))
+            current = None
+    if current is not None:
+        shards.append(InputShard(**current))
+    if not usable:
+        skipped = sum(sum(s.skipped.values()) for s in shards)
+        raise DatasetError(f"{name}: no usable rows with a non-empty '{field}' string ({skipped} skipped)")
+    return path, shards
+
+
+def read_input_shard(path: str | Path, shard: InputShard, field: str = "prompt") -> list[tuple[int, str]]:
+    """(row number, prompt) of the usable rows of ``shard`` (the same rows `plan_input_shards` counted)."""
+    path = Path(path)
+    out = []
+    rows = _iter_rows(path, field, shard.offset) if path.suffix != ".parquet" else _iter_rows(path, field)
+    row = shard.first_row if path.suffix != ".parquet" else 0
+    for _, prompt, _ in rows:
+        if row >= shard.first_row + shard.rows:
+            break
+        if row >= shard.first_row and prompt is not None:
+            out.append((row, prompt))
+        row += 1
+    return out

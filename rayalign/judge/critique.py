@@ -82,9 +82,11 @@ def critique_messages(constitution: Constitution, prompt: str, answer: str) -> l
 
 
 def rewrite_messages(constitution: Constitution, prompt: str, answer: str, critique: str) -> list[dict[str, str]]:
-    """Ask for a new answer to ``prompt`` that fixes what ``critique`` found, following every principle."""
+    """The conversation continued, as in Constitutional AI: the customer's question, the first answer as the
+    assistant's turn, then a request to answer again following every principle, with what ``critique`` found.
+    (Asked in one user message that quoted the draft, the 135M default mostly echoed the quote.)"""
     system = f"You are {constitution.assistant}. Follow these principles:\n{constitution.numbered()}"
-    user = (f"A customer asked:\n{prompt}\n\nA first draft of the answer was:\n{neutralise(answer)}\n\nA reviewer "
-            f"said:\n{neutralise(critique)}\n\nWrite a better answer to the customer that follows every principle. "
-            f"Reply with the answer only.")
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    revise = (f"A reviewer said about your answer: {neutralise(critique).strip()}\n\nAnswer my question again, "
+              f"following every principle. Reply with the new answer only.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt},
+            {"role": "assistant", "content": neutralise(answer)}, {"role": "user", "content": revise}]
