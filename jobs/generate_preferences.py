@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("starting the judge on Ray Serve (about a minute on CPU)", flush=True)
                 judge = ServeJudge(resolve_model(cfg.reward.judge.model), cfg.reward.judge)
             judged = reward_stage(cfg.reward, judge_app=judge.app_name if judge else None,
-                                  batch_size=cfg.pipeline.batch_size)
+                                  batch_size=cfg.pipeline.batch_size, judge_timeout_s=cfg.pipeline.judge_timeout_s)
             for r, stage in enumerate(stages):
                 pending = [s.index for s in shards if s.index not in stage.done()]
                 name = "answers" if r == 0 else f"rewrite_{r}"

@@ -329,8 +329,13 @@ class PipelineConfig:
     """Rows per batch sent to each vLLM engine (and to the judge) by the Ray Data stages."""
     shard_size: int = 32
     """Input rows per output shard: the unit written at once, and the most a crash can lose."""
+    judge_timeout_s: float = 600.0
+    """Seconds one row's request to the Serve judge may wait -- it queues behind every batch in flight -- before
+    that row fails (dropped and counted). reward.judge.timeout_s is the RL loop's, per whole judge call."""
 
     def validate(self) -> None:
+        if self.judge_timeout_s <= 0:
+            raise ConfigError(f"pipeline.judge_timeout_s: expected > 0, got {self.judge_timeout_s}")
         require_at_least("pipeline.batch_size", self.batch_size, 1)
         require_at_least("pipeline.shard_size", self.shard_size, 1)
 

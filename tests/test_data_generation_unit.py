@@ -232,3 +232,23 @@ def test_a_nan_score_is_a_failed_judgement_never_a_score():
     good = combine_row(row(0.8), [judge, rule])
     assert good["reward_error"] == "" and good["score"] == pytest.approx((0.5 * 0.8 + 0.99) / 1.5)
     assert not usable({"score": float("nan"), "error": "", "response": "x"})
+
+
+def test_failed_rows_go_through_the_postprocess_too():
+    """ray.data.llm passes a failed row straight through, past the postprocess: it must still come out with
+    the columns that say it failed."""
+    from rayalign.data.pipelines import GENERATION_ERROR, _with_failed_rows, generated
+
+    class Rows(list):
+        def map(self, fn, **_):
+            return Rows(fn(dict(r)) for r in self)
+
+    def post(row):
+        text, tokens, error = generated(row)
+        return {"key": row["key"], "response": text or "", "gen_error": error}
+
+    processed = Rows([{"key": 1, "response": "ok", "gen_error": "", GENERATION_ERROR: ""},  # went through post
+                      {"key": 2, "messages": [], GENERATION_ERROR: "EngineDeadError: boom"}])  # bypassed it
+    out = _with_failed_rows(lambda ds: ds, post)(processed)
+    assert out[0] == {"key": 1, "response": "ok", "gen_error": ""}
+    assert out[1] == {"key": 2, "response": "", "gen_error": "generation failed: EngineDeadError: boom"}

@@ -134,8 +134,21 @@ def vllm_stage(gen: Generation, preprocess: Callable[[dict], dict], postprocess:
         tokenize_stage=TokenizerStageConfig(**light),
         detokenize_stage=DetokenizeStageConfig(**light),
     )
-    return _bounded(build_processor(config, preprocess=preprocess, postprocess=postprocess,
-                                    preprocess_map_kwargs=dict(light), postprocess_map_kwargs=dict(light)))
+    processor = _bounded(build_processor(config, preprocess=preprocess, postprocess=postprocess,
+                                         preprocess_map_kwargs=dict(light), postprocess_map_kwargs=dict(light)))
+    return _with_failed_rows(processor, postprocess)
+
+
+def _with_failed_rows(processor: Any, postprocess: Callable[[dict], dict]) -> Callable[[Any], Any]:
+    """``processor`` whose failed rows also go through ``postprocess``: `ray.data.llm` hands a row whose request
+    failed straight through, past the postprocess, with `GENERATION_ERROR` set and none of its columns, so
+    without this a failed row would come out without the columns that say it failed."""
+    def fix(row: dict[str, Any]) -> dict[str, Any]:
+        out = postprocess(row) if row.get(GENERATION_ERROR) else row
+        out.pop(GENERATION_ERROR, None)
+        return out
+
+    return lambda ds: processor(ds).map(fix, num_cpus=LIGHT_STAGE_CPUS)
 
 
 def _bounded(processor: Any) -> Any:
@@ -177,7 +190,14 @@ class _OpenAIJudgeStage:
         self.judge, self.name = OpenAIJudge(config), name
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        judgements = self.judge.judge(list(batch["prompt"]), list(batch["response"]))
+        from rayalign.judge.openai_judge import JudgeUnavailableError
+
+        prompts, responses = list(batch["prompt"]), list(batch["response"])
+        try:
+            judgements = self.judge.judge(prompts, responses)
+        except JudgeUnavailableError as e:  # the breaker is open: these rows fail fast and are counted
+            done = [j for j in e.partial] + [None] * (len(prompts) - len(e.partial))
+            judgements = [j or Judgement(None, None, error=f"judge endpoint down: {e}") for j in done]
         return _add_columns(batch, [_judgement_columns(self.name, j) for j in judgements])
 
 
@@ -188,13 +208,14 @@ def _add_columns(batch: dict[str, Any], rows: Sequence[Mapping[str, Any]]) -> di
     return out
 
 
-def reward_stage(reward: RewardConfig, *, judge_app: str | None = None, batch_size: int = 32
-                 ) -> Callable[[Any], Any]:
+def reward_stage(reward: RewardConfig, *, judge_app: str | None = None, batch_size: int = 32,
+                 judge_timeout_s: float = 600.0) -> Callable[[Any], Any]:
     """A stage that judges rows with ``prompt`` and ``response`` columns by every component of ``reward`` and
     adds ``score``, ``reward`` (None when any component failed), ``reward_error`` and ``components`` (JSON).
 
     ``judge_app``: the Serve application hosting rayalign's judge (`rayalign.judge.vllm_judge.ServeJudge`),
-    needed when a component is the ``vllm`` judge."""
+    needed when a component is the ``vllm`` judge. ``judge_timeout_s``: how long one row's judge request may wait
+    (it queues behind every batch in flight) before that row fails, counted."""
     from rayalign.judge.reward import RuleReward, _components
 
     components = _components(reward)
@@ -208,7 +229,7 @@ def reward_stage(reward: RewardConfig, *, judge_app: str | None = None, batch_si
     def apply(ds: Any) -> Any:
         for c in components:
             if c.kind == "judge" and reward.judge.backend == "vllm":
-                ds = _serve_judge(ds, c.name, judge_app or "", reward.judge, batch_size)
+                ds = _serve_judge(ds, c.name, judge_app or "", judge_timeout_s, batch_size)
             elif c.kind == "judge":
                 ds = ds.map_batches(_OpenAIJudgeStage, fn_constructor_args=(reward.judge, c.name),
                                     batch_size=batch_size, concurrency=1, num_cpus=LIGHT_STAGE_CPUS)
@@ -257,12 +278,12 @@ def combine_row(row: Mapping[str, Any], components: Sequence[Any]) -> dict[str, 
             "components": json.dumps(dict(j.components))}
 
 
-def _serve_judge(ds: Any, name: str, app: str, judge: JudgeConfig, batch_size: int) -> Any:
+def _serve_judge(ds: Any, name: str, app: str, timeout_s: float, batch_size: int) -> Any:
     from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
 
     config = ServeDeploymentProcessorConfig(deployment_name="rayalign-judge", app_name=app, batch_size=batch_size,
                                             concurrency=1, should_continue_on_error=True,
-                                            request_timeout_s=judge.timeout_s)
+                                            request_timeout_s=timeout_s)
     def pre(row: dict[str, Any]) -> dict[str, Any]:
         return {**row, "method": "judge_row",
                 "request_kwargs": {"prompt": row["prompt"], "response": row["response"]}}
@@ -284,7 +305,7 @@ def _serve_judge(ds: Any, name: str, app: str, judge: JudgeConfig, batch_size: i
     processor = build_processor(config, preprocess=pre, postprocess=post,
                                 preprocess_map_kwargs={"num_cpus": LIGHT_STAGE_CPUS},
                                 postprocess_map_kwargs={"num_cpus": LIGHT_STAGE_CPUS})
-    return _bounded(processor)(ds)
+    return _with_failed_rows(_bounded(processor), post)(ds)
 
 
 _SERVE_COLUMNS = frozenset({"method", "request_kwargs", "dtype", "request_id", "batch_uuid", "time_taken",
