@@ -303,8 +303,6 @@ def main(argv: list[str] | None = None) -> int:
 
                 print("starting the judge on Ray Serve (about a minute on CPU)", flush=True)
                 judge = ServeJudge(resolve_model(cfg.reward.judge.model), cfg.reward.judge)
-            judged = reward_stage(cfg.reward, judge_app=judge.app_name if judge else None,
-                                  batch_size=cfg.pipeline.batch_size, judge_timeout_s=cfg.pipeline.judge_timeout_s)
             for r, stage in enumerate(stages):
                 pending = [s.index for s in shards if s.index not in stage.done()]
                 name = "answers" if r == 0 else f"rewrite_{r}"
@@ -323,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                                      num_cpus=LIGHT_STAGE_CPUS)
                     ds = vllm_stage(gen, rewrite_pre, rewrite_post)(vllm_stage(gen, critique_pre, critique_post)(ds))
                 print(f"{name}: {sum(expected.values())} to generate and judge in {len(pending)} shards", flush=True)
+                judged = reward_stage(cfg.reward, judge_app=judge.app_name if judge else None,
+                                      batch_size=cfg.pipeline.batch_size,
+                                      judge_timeout_s=cfg.pipeline.judge_timeout_s)
                 run_sharded(judged(ds), expected, writer(stage, name), progress=lambda done, n, name=name: print(
                     f"{name}: shard {done}/{n} written ({time.perf_counter() - started:.0f} s)", flush=True))
         finally:

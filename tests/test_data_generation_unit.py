@@ -112,6 +112,7 @@ def test_sharded_output_resumes_and_refuses_other_settings(tmp_path):
     again = ShardedOutput(tmp_path, {"a": 1}, {"rows": _schema()})
     assert again.done() == {0, 2}
     assert [r["x"] for r in again.rows("rows")] == [1, 2]
+    assert not again.path("rows", 2).exists()  # no empty file: `datasets` cannot read one
     assert again.totals("dropped") == {"too_long": 3, "bad_json": 1}
     with pytest.raises(ConfigError, match=r"other settings \(a\)"):
         ShardedOutput(tmp_path, {"a": 2}, {"rows": _schema()})

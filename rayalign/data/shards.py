@@ -34,7 +34,7 @@ class ShardedOutput:
 
     def __init__(self, root: str | Path, fingerprint: Mapping[str, Any], schemas: Mapping[str, Any], *,
                  overwrite: bool = False):
-        """``schemas``: table name -> pyarrow schema (an empty shard still writes a file with its columns).
+        """``schemas``: table name -> pyarrow schema of each table's files (a shard without rows writes none).
         ``overwrite``: forget the shards of an earlier run made with other settings instead of refusing."""
         self.root = Path(root).expanduser()
         self.schemas = dict(schemas)
@@ -76,8 +76,11 @@ class ShardedOutput:
 
         for table, schema in self.schemas.items():
             rows = tables.get(table, ())
-            arrow = pa.Table.from_pylist(list(rows), schema=schema)
             path = self.path(table, shard)
+            if not rows:  # no file: `datasets`' Parquet reader fails on a file without rows
+                path.unlink(missing_ok=True)
+                continue
+            arrow = pa.Table.from_pylist(list(rows), schema=schema)
             tmp = path.with_name(f".{path.name}.tmp")
             pq.write_table(arrow, tmp)
             os.replace(tmp, path)
@@ -100,4 +103,6 @@ class ShardedOutput:
         import pyarrow.parquet as pq
 
         for shard in sorted(self.shards if shards is None else shards):
-            yield from pq.read_table(self.path(table, shard)).to_pylist()
+            path = self.path(table, shard)
+            if path.is_file():  # a finished shard without rows has no file
+                yield from pq.read_table(path).to_pylist()
