@@ -34,6 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+RESULT = "RESULT "
+"""Prefix of a child's result line."""
+
+
 def prompts(n: int) -> list[str]:
     from rayalign.data.prompts import load_prompts
 
@@ -160,7 +164,8 @@ def child(kind: str, *args: int) -> dict:
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(f"{kind} {args} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]  # vLLM prints to stdout too
+    result = json.loads(lines[-1][len(RESULT):])
     print(f"{kind} {args[0]}: {json.dumps(result)} ({time.perf_counter() - t0:.0f} s with start-up; log {log})",
           flush=True)
     return result
@@ -178,7 +183,7 @@ def main() -> None:
     if args.child:
         kind, *numbers = args.child
         fn = {"pipeline": run_pipeline, "loop": run_loop, "memory": run_memory}[kind]
-        print(json.dumps(fn(*map(int, numbers))))
+        print(RESULT + json.dumps(fn(*map(int, numbers))), flush=True)
         return
 
     runs = {}
