@@ -193,6 +193,10 @@ def main() -> None:
 
     def marginal(kind: str) -> float:
         small, large = runs[(kind, args.small)], runs[(kind, args.large)]
+        if large["seconds"] <= small["seconds"]:  # the machine's load changed between the two runs
+            print(f"warning: {kind}: the {args.large}-prompt run was not slower than the {args.small}-prompt run; "
+                  f"its marginal rate means nothing (measure again on a quiet machine)", flush=True)
+            return float("nan")
         return (large["tokens"] - small["tokens"]) / (large["seconds"] - small["seconds"])
 
     memory = {n: child("memory", n) for n in args.rows}
