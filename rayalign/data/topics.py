@@ -43,8 +43,10 @@ class Topics:
 
 
 def topics_path(name: str) -> Path:
-    shipped = Path(__file__).resolve().parents[2] / "jobs" / "topics" / f"{name}.yaml"
-    return shipped if "/" not in name and not name.endswith(".yaml") and shipped.is_file() else Path(name)
+    """``vegetarian`` -> the shipped ``jobs/topics/vegetarian.yaml``; anything else is a path."""
+    from rayalign.judge.rubric import shipped_yaml
+
+    return shipped_yaml("topics", name)
 
 
 def load_topics(name: str) -> Topics:

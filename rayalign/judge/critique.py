@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from rayalign.judge.rubric import RubricError
+from rayalign.judge.rubric import RubricError, shipped_yaml
 
 _TAG = re.compile(r"</?\s*(question|answer)\s*>", re.IGNORECASE)
 
@@ -35,8 +35,7 @@ class Constitution:
 
 def constitution_path(name: str) -> Path:
     """``vegetarian`` -> the shipped ``jobs/constitutions/vegetarian.yaml``; anything else is a path."""
-    shipped = Path(__file__).resolve().parents[2] / "jobs" / "constitutions" / f"{name}.yaml"
-    return shipped if "/" not in name and not name.endswith(".yaml") and shipped.is_file() else Path(name)
+    return shipped_yaml("constitutions", name)
 
 
 def load_constitution(path: str | Path) -> Constitution:

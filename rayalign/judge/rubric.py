@@ -132,7 +132,13 @@ def load_rubric(path: str | Path) -> Rubric:
                   no=str(data.get("no", "no")))
 
 
+def shipped_yaml(folder: str, name: str) -> Path:
+    """``name`` as a YAML file shipped in ``jobs/<folder>/`` (``vegetarian`` -> ``jobs/<folder>/vegetarian.yaml``)
+    when it is a bare name of one; anything else is a path."""
+    shipped = Path(__file__).resolve().parents[2] / "jobs" / folder / f"{name}.yaml"
+    return shipped if "/" not in name and not name.endswith(".yaml") and shipped.is_file() else Path(name)
+
+
 def rubric_path(name: str) -> Path:
     """``vegetarian`` -> the shipped ``jobs/rubrics/vegetarian.yaml``; anything else is a path."""
-    shipped = Path(__file__).resolve().parents[2] / "jobs" / "rubrics" / f"{name}.yaml"
-    return shipped if "/" not in name and not name.endswith(".yaml") and shipped.is_file() else Path(name)
+    return shipped_yaml("rubrics", name)
