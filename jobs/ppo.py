@@ -151,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("sampling.top_p=%s: the engines sample from the nucleus, the learner's logprobs (and so the "
                     "PPO ratio and the KL) are over the whole vocabulary", cfg.sampling.top_p)
 
-    # -- start the pieces: learner first (it holds the resumed state), then the engines ---------------------
+    # -- start the pieces side by side: the judge deploys and the learner's workers build their model while
+    # the engines load; then the learner's answer (it holds the resumed state) --------------------------------
+    reward_fn.start()
     learner = Learner(model_path, learner=cfg.learner, lora=cfg.lora, algorithm=algo, storage_path=storage,
                       run_name=run_name, seed=trainer.seed, resume_from=resume_from)
+    engines = RolloutGroup(model_path, cfg.model, cfg.engine, sync_plan=sync_plan, max_lora_rank=cfg.lora.rank)
     setup = learner.setup()
     state = setup["driver_state"] or {"step": 0, "kl_coef": algo.kl_coef, "version": 0, "mlflow_run_id": None,
                                       "history": []}
@@ -161,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"the learner restored no driver state from {resume_from}")
     kl_ctl = (AdaptiveKLController(state["kl_coef"], algo.kl_target, algo.kl_horizon) if algo.kl_target
               else FixedKLController(state["kl_coef"]))
-    engines = RolloutGroup(model_path, cfg.model, cfg.engine, sync_plan=sync_plan, max_lora_rank=cfg.lora.rank)
     if state["version"] > 0:  # a resumed policy: the engines start from the checkpoint's weights
         engines.update(state["version"], learner)
 
@@ -194,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     # -- the loop -------------------------------------------------------------------------------------------
     status = "FINISHED"
     try:
+        try:
+            judge_start_s = reward_fn.wait_started()
+        except JudgeUnavailableError as e:
+            stop(state["step"] + 1, f"the judge is unavailable ({e})")
+        if judge_start_s:
+            log.info("judge running (started in %.0f s, beside the learner and the engines)", judge_start_s)
         for step in range(state["step"] + 1, trainer.total_steps + 1):
             times: dict[str, float] = {}
             t_step = time.perf_counter()

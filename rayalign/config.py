@@ -231,6 +231,9 @@ class JudgeConfig:
     """vllm backend: how long a replica waits to fill a batch."""
     engine: EngineConfig = EngineConfig(max_model_len=2048)
     """vllm backend: the judge's engine settings (tensor_parallel_size, memory...)."""
+    start_timeout_s: float = 1800.0
+    """vllm backend: seconds the judge deployment may take to start (a 70B judge loads for minutes); past it, or on
+    a failed deploy, the job stops with one line naming the deployment."""
 
     def validate(self) -> None:
         if len(self.clamp) != 2 or not 0 < self.clamp[0] < self.clamp[1] < 1:
@@ -241,8 +244,8 @@ class JudgeConfig:
             raise ConfigError("judge.endpoint_model: the openai backend needs the model name to request")
         if self.max_retries < 0 or self.breaker_failures < 1 or self.concurrency < 1:
             raise ConfigError("judge: max_retries must be >= 0, breaker_failures and concurrency >= 1")
-        if self.timeout_s <= 0 or self.backoff_s < 0:
-            raise ConfigError("judge: timeout_s must be > 0 and backoff_s >= 0")
+        if self.timeout_s <= 0 or self.backoff_s < 0 or self.start_timeout_s <= 0:
+            raise ConfigError("judge: timeout_s and start_timeout_s must be > 0 and backoff_s >= 0")
         if not 1 <= self.num_replicas <= self.max_replicas:
             raise ConfigError(f"judge: expected 1 <= num_replicas ({self.num_replicas}) <= max_replicas "
                               f"({self.max_replicas})")

@@ -121,6 +121,50 @@ def test_rules_only_reward_starts_no_judge():
         RuleReward("nope", JudgeConfig())
 
 
+def _deploying_judge(monkeypatch, statuses: list, config: JudgeConfig):
+    """A ServeJudge past its (non-blocking) deploy whose application reports ``statuses`` in turn (control flow
+    only: the real deployment starts in test_judge.py and in every jobs/ppo.py test)."""
+    import types
+
+    from ray import serve
+
+    from rayalign.judge.vllm_judge import ServeJudge
+
+    replies = iter(statuses)
+
+    def status():
+        state, message = next(replies)
+        apps = {} if state is None else {"j": types.SimpleNamespace(status=state, message=message)}
+        return types.SimpleNamespace(applications=apps)
+
+    monkeypatch.setattr(serve, "status", status)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    judge = object.__new__(ServeJudge)
+    judge.config, judge.app_name, judge._deployed_at, judge.start_seconds = config, "j", time.perf_counter(), None
+    return judge
+
+
+def test_the_judge_start_is_waited_for_once_and_a_failed_or_slow_deploy_is_one_line(monkeypatch):
+    judge = _deploying_judge(monkeypatch, [("DEPLOYING", ""), ("DEPLOYING", ""), ("RUNNING", "")], JudgeConfig())
+    assert judge.wait_until_running() >= 0
+    assert judge.wait_until_running() == judge.start_seconds  # asks Serve no more (the replies are spent)
+
+    failed = _deploying_judge(monkeypatch, [("DEPLOYING", ""), ("DEPLOY_FAILED", "ValueError: no such model\nTrace")],
+                              JudgeConfig())
+    with pytest.raises(JudgeUnavailableError, match=r"^the judge deployment 'j' did not start \(DEPLOY_FAILED: "
+                                                    r"ValueError: no such model\)$"):
+        failed.wait_until_running()
+    gone = _deploying_judge(monkeypatch, [(None, "")], JudgeConfig())
+    with pytest.raises(JudgeUnavailableError, match=r"did not start \(missing\)"):
+        gone.wait_until_running()
+    slow = _deploying_judge(monkeypatch, [("DEPLOYING", "")] * 3, JudgeConfig(start_timeout_s=1e-9))
+    with pytest.raises(JudgeUnavailableError, match=r"is not running after \d+ s \(judge.start_timeout_s; status "
+                                                    r"DEPLOYING\)"):
+        slow.wait_until_running()
+    with pytest.raises(ValueError, match="start_timeout_s must be > 0"):
+        JudgeConfig(start_timeout_s=0).validate()
+
+
 def test_a_judge_reward_that_cannot_work_fails_before_anything_starts(tmp_path, monkeypatch):
     from rayalign.config import ConfigError, JudgeConfig, RewardConfig
 

@@ -4,6 +4,7 @@ endpoint), a Ray Train + DeepSpeed learner, MLflow. Each test starts its own job
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import secrets
@@ -89,6 +90,28 @@ def test_two_steps_with_the_default_reward(tmp_path, model_path):
     # greedy answers of the adapter on the base and of the merged weights: the same policy, the same first words
     adapter_answers, merged_answers = by_model[report["models"][1]["label"]], by_model[report["models"][2]["label"]]
     assert sum(a.split()[:5] == b.split()[:5] for a, b in zip(adapter_answers, merged_answers)) >= 2
+    assert len(answers) == 3 * 4 and by_model["base"] != adapter_answers  # the trained adapter was applied
+    # the rest of the report (the only evaluate run of the suite: engine and judge starts dominate its time)
+    for m in report["models"]:
+        assert sum(m["judge"]["histogram"]["counts"]) == m["judge"]["violations"] + m["judge"]["passes"]
+        assert 0 <= m["rule"]["violations"] <= 4 and m["response_tokens_mean"] > 0
+    assert all(p["win_rate"] is None or 0 <= p["win_rate"] <= 1 for p in report["pairwise"])
+    adapter_label = report["models"][1]["label"]
+    # side by side: at most 5 prompts per aligned model, each against the base
+    per_model = collections.Counter(s["model"] for s in report["samples"])
+    assert set(per_model) == {adapter_label, report["models"][2]["label"]} and max(per_model.values()) <= 5
+    assert all(s["baseline"] == "base" for s in report["samples"])
+    for name in ("score_histograms.png", "violations.png"):
+        assert (report_dir / name).stat().st_size > 1000
+    assert f"| {adapter_label} | adapter |" in (report_dir / "report.md").read_text()
+    assert "## Side by side" in (report_dir / "report.md").read_text() and "| base | base |" in evaluated.stdout
+    eval_client, (eval_run,) = _runs(tmp_path, "rayalign-eval")
+    assert eval_run.info.run_id == report["mlflow_run_id"] and eval_run.info.status == "FINISHED"
+    assert eval_run.data.metrics["base/violations"] == report["models"][0]["judge"]["violations"]
+    pair = report["pairwise"][0]
+    assert eval_run.data.metrics[f"{pair['model']}/pairwise_wins"] == pair["wins"]
+    assert {"report.json", "report.md", "violations.png"} <= {
+        f.path for f in eval_client.list_artifacts(eval_run.info.run_id)}
 
 
 # --- a judge endpoint that fails some requests, and a run killed after a checkpoint then resumed ------------------

@@ -39,6 +39,16 @@ class JudgeReward:
         self.config = config
         self.backend: Any = None
 
+    def start(self) -> None:
+        """Deploy the judge without waiting for it (the Serve backend's engine loads in the background)."""
+        if self.backend is None:
+            self.backend = build_judge(self.config, wait=False)
+
+    def wait_started(self) -> float:
+        """Wait for a started judge; returns the seconds its start took (0 for an endpoint, which needs none)."""
+        wait = getattr(self.backend, "wait_until_running", None)
+        return wait() if wait else 0.0
+
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
         if self.backend is None:
             self.backend = build_judge(self.config)
@@ -56,6 +66,18 @@ class CompositeReward:
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
         per_part = [(name, weight, fn(prompts, responses)) for name, weight, fn in self.parts]
         return [combine([(name, weight, js[i]) for name, weight, js in per_part]) for i in range(len(prompts))]
+
+    def start(self) -> None:
+        """Start the components that load something (the judge) without waiting for them; `wait_started` waits.
+        Without this they start at the first call."""
+        for _, _, fn in self.parts:
+            if hasattr(fn, "start"):
+                fn.start()
+
+    def wait_started(self) -> float:
+        """Wait for what `start` began; returns the longest start in seconds. A judge deployment that fails to
+        start raises JudgeUnavailableError."""
+        return max([fn.wait_started() for _, _, fn in self.parts if hasattr(fn, "wait_started")], default=0.0)
 
     def shutdown(self) -> None:
         for _, _, fn in self.parts:
@@ -77,8 +99,9 @@ def combine(parts: Sequence[tuple[str, float, Judgement]]) -> Judgement:
     return Judgement(score, reward, raw=raw, components=tuple((name, j.reward) for name, _, j in parts))
 
 
-def build_judge(config: JudgeConfig) -> Any:
-    """The configured judge backend (an object with ``judge(prompts, responses)`` and ``shutdown()``)."""
+def build_judge(config: JudgeConfig, wait: bool = True) -> Any:
+    """The configured judge backend (an object with ``judge(prompts, responses)`` and ``shutdown()``);
+    ``wait=False``: the Serve judge is deployed but not waited for (its first call waits)."""
     if config.backend == "openai":
         from rayalign.judge.openai_judge import OpenAIJudge
 
@@ -86,7 +109,7 @@ def build_judge(config: JudgeConfig) -> Any:
     from rayalign.judge.vllm_judge import ServeJudge
     from rayalign.models import resolve_model
 
-    return ServeJudge(resolve_model(config.model), config)
+    return ServeJudge(resolve_model(config.model), config, wait=wait)
 
 
 def _components(config: RewardConfig) -> tuple[RewardComponent, ...]:

@@ -151,19 +151,51 @@ def judge_deployment(model_path: str, config: JudgeConfig) -> Any:
 
 
 class ServeJudge:
-    """Driver-side client of the judge deployment: judges lists, never turns a failure into a score."""
+    """Driver-side client of the judge deployment: judges lists, never turns a failure into a score.
 
-    def __init__(self, model_path: str, config: JudgeConfig, app_name: str = "rayalign-judge"):
+    ``wait=False`` deploys and returns at once, so the judge's engine loads while the caller starts other
+    things; the first ``judge`` / ``compare`` (or ``wait_until_running``) then waits for it."""
+
+    def __init__(self, model_path: str, config: JudgeConfig, app_name: str = "rayalign-judge", wait: bool = True):
         from ray import serve
 
         self.config = config
         self.app_name = app_name
-        started = time.perf_counter()
-        self.handle = serve.run(judge_deployment(model_path, config), name=app_name, route_prefix=None)
-        self.start_seconds = time.perf_counter() - started
+        self._deployed_at = time.perf_counter()
+        self.start_seconds: float | None = None  # set once the deployment runs
+        (self.handle,) = serve.run_many(
+            [serve.RunTarget(judge_deployment(model_path, config), name=app_name, route_prefix=None)],
+            wait_for_applications_running=False)
+        if wait:
+            self.wait_until_running()
+
+    def wait_until_running(self) -> float:
+        """Block until the deployment runs; returns the seconds its start took. A failed deploy, or one not
+        running within ``judge.start_timeout_s``, raises JudgeUnavailableError naming the deployment."""
+        from ray import serve
+
+        from rayalign.judge.openai_judge import JudgeUnavailableError
+
+        while self.start_seconds is None:
+            app = serve.status().applications.get(self.app_name)
+            status = str(getattr(app.status, "value", app.status)) if app else "missing"
+            waited = time.perf_counter() - self._deployed_at
+            if status == "RUNNING":
+                self.start_seconds = waited
+            elif status in ("DEPLOY_FAILED", "missing"):
+                why = (app.message if app else "").strip().splitlines()
+                raise JudgeUnavailableError(f"the judge deployment '{self.app_name}' did not start ({status}"
+                                            f"{': ' + why[0] if why else ''})", partial=[])
+            elif waited > self.config.start_timeout_s:
+                raise JudgeUnavailableError(f"the judge deployment '{self.app_name}' is not running after "
+                                            f"{waited:.0f} s (judge.start_timeout_s; status {status})", partial=[])
+            else:
+                time.sleep(0.5)
+        return self.start_seconds
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
         """One request for the whole list (the replica judges it in one engine call)."""
+        self.wait_until_running()
         try:
             return self.handle.judge_many.remote(list(zip(prompts, responses))).result(
                 timeout_s=self.config.timeout_s * max(1, len(prompts) / self.config.max_batch_size))
@@ -174,6 +206,7 @@ class ServeJudge:
     def compare(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> list[Choice | None]:
         """Pairwise comparisons in one request (the batched form `pairwise.win_rate` takes); a failed request
         is None for every pair (counted as failed comparisons, never as a choice)."""
+        self.wait_until_running()
         try:
             return self.handle.compare_many.remote(list(zip(prompts, firsts, seconds))).result(
                 timeout_s=self.config.timeout_s * max(1, len(prompts) / self.config.max_batch_size))
