@@ -62,27 +62,6 @@ class PreferenceDataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class HeldOutConfig:
-    enabled: bool = True
-    """Answer held-out prompts with the base and the aligned policy at the end, and report both."""
-    prompts: str = "builtin:vegetarian/holdout"
-    """The held-out prompts."""
-    limit: int | None = None
-    """At most this many held-out prompts (None: all)."""
-    max_new_tokens: int = 96
-    """Tokens per held-out answer (greedy)."""
-    rule: str = "vegetarian_lexicon"
-    """Rule from rayalign.judge.rules that counts violations."""
-
-    def validate(self) -> None:
-        from rayalign.judge.rules import RULES
-
-        if self.rule not in RULES:
-            raise C.ConfigError(f"heldout.rule: unknown rule '{self.rule}' (known: {', '.join(sorted(RULES))})")
-        C.require_at_least("heldout.max_new_tokens", self.max_new_tokens, 1)
-
-
-@dataclasses.dataclass(frozen=True)
 class DPOJobConfig:
     model: C.ModelConfig = C.ModelConfig()
     """The policy to align (and the reference: its starting point)."""
@@ -96,7 +75,7 @@ class DPOJobConfig:
     """Which preference data."""
     trainer: C.OfflineTrainerConfig = C.OfflineTrainerConfig()
     """Steps, evaluation, checkpoints, resume, outputs."""
-    heldout: HeldOutConfig = HeldOutConfig()
+    heldout: C.HeldOutConfig = C.HeldOutConfig()
     """The held-out summary at the end."""
     engine: C.EngineConfig = C.EngineConfig()
     """vLLM engines for the held-out answers."""
@@ -335,37 +314,32 @@ def load_split(data: PreferenceDataConfig, labelled: bool, seed: int):
 
 
 def heldout_summary(cfg: DPOJobConfig, model_path: str, paths: dict[str, str], tracker) -> str:
-    """Greedy answers of the base and the aligned policy to the held-out prompts, summarised side by side."""
+    """Greedy answers of the base and the aligned policy to the held-out prompts, summarised side by side by the
+    measures that need no judge (rayalign.evaluation.report; `jobs/ppo.py` ends with the same report)."""
     import tempfile
 
     from rayalign.data.prompts import drop_overlong_prompts, load_prompts
-    from rayalign.evaluation import heldout
+    from rayalign.evaluation import report as R
     from rayalign.evaluation.generation import generate_all
-    from rayalign.judge.rules import RULES
     from rayalign.models import ResolvedModel, resolve_model_spec
 
     from transformers import AutoTokenizer
 
-    sampling = C.SamplingConfig(temperature=0.0, max_new_tokens=cfg.heldout.max_new_tokens, seed=0)
-    prompts = drop_overlong_prompts(load_prompts(cfg.heldout.prompts, limit=cfg.heldout.limit),
-                                    AutoTokenizer.from_pretrained(model_path),
-                                    cfg.engine.max_model_len - sampling.max_new_tokens).prompts
+    held = cfg.heldout
+    prompts = list(drop_overlong_prompts(load_prompts(held.prompts, limit=held.limit),
+                                         AutoTokenizer.from_pretrained(model_path),
+                                         cfg.engine.max_model_len - held.max_new_tokens).prompts)
     base = ResolvedModel("base", model_path, "base", cfg.model.name)
     with tempfile.TemporaryDirectory() as downloads:
         # the merged model on engines of its own: vLLM's CPU LoRA kernels decode several times slower than the base
         aligned = resolve_model_spec(paths["merged"], Path(downloads), what="aligned")
         aligned = dataclasses.replace(aligned, label="aligned")
-        rollouts, times = generate_all(base, [aligned], prompts, cfg.model, cfg.engine, sampling)
-    rule = RULES[cfg.heldout.rule]
-    summaries = {label: heldout.summarize(rs, rule) for label, rs in rollouts.items()}
-    tracker.log_metrics({f"heldout/{label}/{k}": v for label, s in summaries.items() for k, v in s.items()}
-                        | {f"heldout/{k}": v for k, v in times.items()}, step=0)
-    examples = heldout.side_by_side(list(prompts), rollouts["base"], rollouts["aligned"], rule)
-    tracker.log_table(examples, "heldout/side_by_side.json")
-    text = heldout.table(summaries)
-    for e in examples:
-        text += f"\n\n>>> {e['prompt']}\n[base]    {e['base'][:300]}\n[aligned] {e['aligned'][:300]}"
-    return text
+        rollouts, times = generate_all(base, [aligned], prompts, cfg.model, cfg.engine, held.sampling)
+    report = R.heldout_report(prompts, held, {label: R.answers(rs) for label, rs in rollouts.items()},
+                              judgements=None, threshold=0.5)
+    tracker.log_metrics({f"heldout/{k}": v for k, v in {**R.flat_metrics(report), **times}.items()}, step=0)
+    tracker.log_dict(report, "heldout/report.json")
+    return R.text_table(report) + "\n\n" + R.text_examples(report["samples"])
 
 
 if __name__ == "__main__":

@@ -193,13 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                        for label, rs in responses.items()}
 
         # -- report ------------------------------------------------------------------------------------------
-        models = []
-        for c in [base, *candidates]:
-            rs = rollouts[c.label]
-            summary = R.model_summary([j.score for j in judgements[c.label]], rule_scores[c.label],
-                                      [len(r.response_token_ids) for r in rs], [r.finish_reason for r in rs],
-                                      rubric.threshold, cfg.report.bins)
-            models.append({"label": c.label, "kind": c.kind, "source": c.source, "run_id": c.run_id, **summary})
+        answers = {label: R.answers(rs) for label, rs in rollouts.items()}
+        models = R.summarize_models([{"label": c.label, "kind": c.kind, "source": c.source, "run_id": c.run_id}
+                                     for c in [base, *candidates]], answers, judgements, rule_scores,
+                                    rubric.threshold, cfg.report.bins)
         samples = [s for c in candidates
                    for s in R.side_by_side(prompts, "base", c.label, responses, judgements, rule_scores,
                                            pairwise[c.label].outcomes, rubric.threshold, cfg.report.samples)]
@@ -223,13 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         images = R.plot(report, out)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         (out / "report.md").write_text(R.render_markdown(report, images))
-        R.write_samples(out / "samples.jsonl", prompts, rollouts, judgements, rule_scores)
+        R.write_samples(out / "samples.jsonl", prompts, answers, judgements, rule_scores)
         tracker.log_metrics({**times, **R.flat_metrics(report)}, step=0)
         tracker.log_artifact(out)
 
-    print("\n" + R.headline_table(report))
+    print("\n" + R.text_table(report))
     if report["pairwise"]:
         print("\n" + R.win_rate_table(report))
+    for note in R.uninformative_judge(report):
+        log.warning("%s", note)
     print(f"\nreport: {out / 'report.md'} (MLflow run {tracker.run_id} at {C.redact_url(tracker.uri)})")
     ray.shutdown()
     return 0

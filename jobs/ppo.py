@@ -62,6 +62,9 @@ class PPOJobConfig:
     """Steps, checkpoints, resume, outputs."""
     data: C.DataConfig = C.DataConfig()
     """Which prompts."""
+    heldout: C.HeldOutConfig = C.HeldOutConfig()
+    """The held-out report at the end: the base and the aligned policy answer the same held-out prompts greedily
+    on the rollout engines, and the judge and the rule score both (the base answers before the first update)."""
     ray: C.RayConfig = C.RayConfig(num_cpus=8)
     """Which Ray. The local default has 8 logical CPUs whatever the cores: engines, judge and learner each hold
     one, and they mostly take turns (only judging and the old-policy pass overlap)."""
@@ -105,17 +108,40 @@ def timed(times: dict[str, float], phase: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = C.parse_job_config(PPOJobConfig, argv, description=__doc__ or "")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rayalign.console import quiet, split_verbose
+    from rayalign.job import INPUT_ERRORS, refuse
+    from rayalign.learner.checkpoints import resolve_run
 
+    args, verbose = split_verbose(list(sys.argv[1:] if argv is None else argv))
+    cfg = C.parse_job_config(PPOJobConfig, args, description=(__doc__ or "") + VERBOSE_HELP)
+    try:
+        run = resolve_run(cfg.trainer)
+    except INPUT_ERRORS as e:
+        return refuse(e)
+    console = quiet(Path(cfg.trainer.output_dir) / "logs" / f"{run[1]}.log", verbose)
+    return console.run(lambda: train(cfg, run, console))
+
+
+VERBOSE_HELP = """
+Only rayalign's own lines reach the terminal; vLLM, Ray, DeepSpeed and MLflow write to
+<trainer.output_dir>/logs/<run>.log (its path is printed). --verbose or RAYALIGN_VERBOSE=1 shows everything.
+"""
+
+
+def train(cfg: PPOJobConfig, run: tuple, console) -> int:
+    """The job, once its run directory is known and its console is set up."""
     from rayalign.data.prompts import prompt_indices
     from rayalign.job import INPUT_ERRORS, engine_needs, load_job_inputs, prompt_token_budget, refuse, start_ray
     from rayalign.judge.reward import build_reward, resource_needs
-    from rayalign.learner.checkpoints import mark_complete, resolve_run
+    from rayalign.learner.checkpoints import mark_complete
 
+    storage, run_name, resume_from, fork = run
     try:
         inputs = load_job_inputs(cfg.model.name, cfg.data, prompt_token_budget(cfg.engine, cfg.sampling))
-        storage, run_name, resume_from, fork = resolve_run(cfg.trainer)
+        held = cfg.heldout
+        heldout_prompts = list(load_job_inputs(
+            cfg.model.name, C.DataConfig(prompts=held.prompts, limit=held.limit),
+            cfg.engine.max_model_len - held.max_new_tokens).prompts.prompts) if held.enabled else []
         reward_fn = build_reward(cfg.reward)  # starts nothing yet; a bad reward-model path fails here
     except INPUT_ERRORS as e:
         return refuse(e)
@@ -126,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rayalign.algorithms.advantages import overlong_penalty
     from rayalign.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
+    from rayalign.evaluation import report as R
     from rayalign.judge.openai_judge import JudgeUnavailableError
     from rayalign.learner import rl
     from rayalign.learner.batch import minibatch_plan, pad_rollouts
@@ -144,9 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         address = start_ray(cfg.ray, needs)
     except C.ConfigError as e:
         return refuse(e, "config error")
+    console.watch_ray()
     started = f"from {resume_from}" if fork else "resuming" if resume_from else "new"
     log.info("run %s in %s (%s); %d prompts from %s", run_name, storage, started,
              len(dataset.prompts), dataset.source)
+    if console.log_path:
+        log.info("vLLM, Ray, DeepSpeed and MLflow output: %s (--verbose shows it here)", console.log_path)
+    log.info("starting the rollout engines (vLLM), the learner (Ray Train + DeepSpeed) and the judge (Ray Serve) "
+             "side by side; on CPU this takes a minute or two")
     if cfg.sampling.top_p < 1:
         log.warning("sampling.top_p=%s: the engines sample from the nucleus, the learner's logprobs (and so the "
                     "PPO ratio and the KL) are over the whole vocabulary", cfg.sampling.top_p)
@@ -164,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"the learner restored no driver state from {resume_from}")
     kl_ctl = (AdaptiveKLController(state["kl_coef"], algo.kl_target, algo.kl_horizon) if algo.kl_target
               else FixedKLController(state["kl_coef"]))
+    log.info("learner ready: %s trainable parameters (%s)", f"{setup['trainable_params']:,}", cfg.learner.finetune)
+    if held.enabled and "heldout_base" not in state:
+        if state["version"] == 0:  # the engines hold the base: its held-out answers, kept with the checkpoints
+            t0 = time.perf_counter()
+            state["heldout_base"] = R.answers(engines.generate(heldout_prompts, held.sampling))
+            log.info("held-out: the base answered %d prompts (%.0f s); the aligned policy answers them at the end",
+                     len(heldout_prompts), time.perf_counter() - t0)
+        else:
+            log.warning("held-out: the checkpoint holds no base answers (its run had heldout.enabled=false); "
+                        "no held-out report at the end")
     if state["version"] > 0:  # a resumed policy: the engines start from the checkpoint's weights
         engines.update(state["version"], learner)
 
@@ -202,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             stop(state["step"] + 1, f"the judge is unavailable ({e})")
         if judge_start_s:
             log.info("judge running (started in %.0f s, beside the learner and the engines)", judge_start_s)
-        for step in range(state["step"] + 1, trainer.total_steps + 1):
+        first_step, t_loop = state["step"] + 1, time.perf_counter()
+        for step in range(first_step, trainer.total_steps + 1):
             times: dict[str, float] = {}
             t_step = time.perf_counter()
             indices = prompt_indices(len(dataset.prompts), trainer.prompts_per_step, step, trainer.seed)
@@ -341,10 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             tracker.log_metrics(metrics, step=step)
             state["history"].append({"step": step, "reward": metrics["reward/mean"], "kl": kl,
                                      "score": metrics["score/mean"]})
-            log.info("step %d/%d reward %.3f (score %.3f) kl %.4f loss %.4f | generate %.1fs judge %.1fs "
-                     "logprobs %.1fs train %.1fs sync %.1fs", step, trainer.total_steps, metrics["reward/mean"],
-                     metrics["score/mean"], kl, stats.get("policy_loss", float("nan")), times["time/generate"],
-                     times["time/judge"], times["time/logprobs"], times["time/train"], times["time/sync"])
+            left = (time.perf_counter() - t_loop) / (step - first_step + 1) * (trainer.total_steps - step)
+            log.info("step %d/%d reward %.3f (score %.3f) kl %.4f loss %.4f | %.0fs: generate %.1f judge %.1f "
+                     "logprobs %.1f train %.1f sync %.1f | %s", step, trainer.total_steps, metrics["reward/mean"],
+                     metrics["score/mean"], kl, stats.get("policy_loss", float("nan")), times["time/step"],
+                     times["time/generate"], times["time/judge"], times["time/logprobs"], times["time/train"],
+                     times["time/sync"], f"ETA {left / 60:.1f} min" if step < trainer.total_steps else "done")
             if step % cfg.tracking.sample_every == 0 or step == 1:
                 tracker.log_table([{"prompt": r.prompt, "response": r.response, "score": j.score,
                                     "reward": j.reward, "judge": j.raw} for r, j in zip(rollouts, judgements)],
@@ -360,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, path in paths.items():
             tracker.log_artifact(path, f"model/{kind}" if Path(path).is_dir() else "model")
         _log_curves(tracker, state["history"])
+        heldout = None
+        if held.enabled and "heldout_base" in state:
+            heldout = heldout_report(cfg, heldout_prompts, state, engines, reward_fn, tracker)
     except BaseException:
         status = "FAILED"
         raise
@@ -375,11 +423,51 @@ def main(argv: list[str] | None = None) -> int:
         first, last = history[0], history[-1]
         print(f"\nreward {first['reward']:.3f} -> {last['reward']:.3f} (score {first['score']:.3f} -> "
               f"{last['score']:.3f}), KL {last['kl']:.4f} after {trainer.total_steps} steps ({algo.name}, "
-              f"{cfg.learner.finetune}); judge failures {judge_failures_total}")
-    print(f"MLflow run {tracker.run_id} at {C.redact_url(tracker.uri)}\ncheckpoints: {storage}/{run_name}\nmodel: "
-          + ", ".join(f"{k} {v}" for k, v in paths.items()))
+              f"{cfg.learner.finetune}); judge failures {judge_failures_total}", file=console.out)
+    if heldout is not None:
+        print(f"\nheld-out: {heldout['data']['prompts']} prompts from {held.prompts}, greedy, at most "
+              f"{held.max_new_tokens} tokens; base = the model before training\n"
+              + R.text_table(heldout, kl=history[-1]["kl"] if history else None)
+              + "\n\nwhere they differ most:\n" + R.text_examples(heldout["samples"]), file=console.out)
+    print(f"\nMLflow run {tracker.run_id} at {C.redact_url(tracker.uri)}\ncheckpoints: {storage}/{run_name}\n"
+          f"model: " + ", ".join(f"{k} {v}" for k, v in paths.items())
+          + (f"\nfull log: {console.log_path}" if console.log_path else ""), file=console.out)
     ray.shutdown()
     return 0
+
+
+def heldout_report(cfg: PPOJobConfig, prompts: list[str], state: dict, engines, reward_fn, tracker) -> dict:
+    """The aligned policy's greedy answers to the held-out prompts on the running engines, beside the base's
+    (``state["heldout_base"]``, answered before the first update), scored by the reward's judge and the rule;
+    logged to MLflow as ``heldout/*`` metrics and ``heldout/report.json``. A judge that fails here leaves the
+    report without judge figures (a warning says so); the trained model is saved already."""
+    from rayalign.evaluation import report as R
+    from rayalign.judge.openai_judge import JudgeUnavailableError
+    from rayalign.judge.reward import judge_of
+    from rayalign.judge.rubric import load_rubric, rubric_path
+
+    t0 = time.perf_counter()
+    answers = {"base": state["heldout_base"],
+               "aligned": R.answers(engines.generate(prompts, cfg.heldout.sampling))}
+    times = {"time/heldout_generate": time.perf_counter() - t0}
+    judge, judgements, about = judge_of(reward_fn), None, None
+    if judge is not None:
+        t0 = time.perf_counter()
+        try:
+            judgements = {label: judge(prompts, a["responses"]) for label, a in answers.items()}
+            about = {"backend": cfg.reward.judge.backend, "mode": cfg.reward.judge.mode,
+                     "rubric": cfg.reward.judge.rubric}
+        except JudgeUnavailableError as e:
+            log.warning("held-out: the judge is unavailable (%s); the report has no judge figures", e)
+        times["time/heldout_judge"] = time.perf_counter() - t0
+    threshold = load_rubric(rubric_path(cfg.reward.judge.rubric)).threshold
+    report = R.heldout_report(prompts, cfg.heldout, answers, judgements, threshold, about)
+    tracker.log_metrics({f"heldout/{k}": v for k, v in {**R.flat_metrics(report), **times}.items()},
+                        step=cfg.trainer.total_steps)
+    tracker.log_dict(report, "heldout/report.json")
+    for note in R.uninformative_judge(report):
+        log.warning("held-out: %s", note)
+    return report
 
 
 def judged_groups(judgements: list, group: int) -> list[int]:

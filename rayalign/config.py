@@ -45,15 +45,17 @@ def require_at_least(key: str, value: int, minimum: int) -> None:
 # Sections shared by the jobs. Job-specific sections live beside the job's top-level config.
 # --------------------------------------------------------------------------------------------------------------
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("best", "auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m-instruct"
     """Model to load: an embedded name (see `rayalign.models.EMBEDDED`), a local HF directory or an HF hub id."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
-    """Weights dtype for the inference engines ("auto" takes the checkpoint's own)."""
+    dtype: Literal["best", "auto", "float32", "bfloat16", "float16"] = "best"
+    """Weights dtype for the inference engines: "best" is bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16
+    or AMX) and float32 on other CPUs, where bf16 is emulated and slower (rayalign.resources.engine_dtype); "auto"
+    takes the checkpoint's own."""
     trust_remote_code: bool = False
     """Allow model code shipped with a hub checkpoint to run (only for models you trust)."""
 
@@ -193,8 +195,8 @@ class JudgeConfig:
     """"vllm": the judge model hosted by rayalign on Ray Serve; "openai": any OpenAI-compatible endpoint."""
     model: str = "smollm2-135m-instruct"
     """vllm backend: the judge model (embedded name, HF directory or hub id)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
-    """vllm backend: weights dtype."""
+    dtype: Literal["best", "auto", "float32", "bfloat16", "float16"] = "best"
+    """vllm backend: weights dtype ("best": as model.dtype's)."""
     rubric: str = "vegetarian"
     """A rubric shipped in jobs/rubrics/ (by name) or a path to a rubric YAML file."""
     mode: Literal["score", "logprob"] = "score"
@@ -324,6 +326,40 @@ class DataConfig:
     def validate(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit: expected an int >= 1 or null, got {self.limit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutConfig:
+    """The held-out report a training job ends with: the base and the aligned policy answer the same held-out
+    prompts greedily, side by side (rayalign.evaluation.report)."""
+
+    enabled: bool = True
+    """Answer the held-out prompts with the base and the aligned policy at the end, and report both."""
+    prompts: str = "builtin:vegetarian/holdout"
+    """The held-out prompts (never trained on)."""
+    limit: int | None = None
+    """At most this many held-out prompts (None: all)."""
+    max_new_tokens: int = 96
+    """Tokens per held-out answer (greedy)."""
+    rule: str = "vegetarian_lexicon"
+    """Rule from rayalign.judge.rules that counts violations beside the judge (empty: none)."""
+    examples: int = 3
+    """Side-by-side examples printed and logged (the prompts where the two models differ most)."""
+
+    def validate(self) -> None:
+        from rayalign.judge.rules import RULES
+
+        if self.rule and self.rule not in RULES:
+            raise ConfigError(f"heldout.rule: unknown rule '{self.rule}' (known: {', '.join(sorted(RULES))})")
+        require_at_least("heldout.max_new_tokens", self.max_new_tokens, 1)
+        require_at_least("heldout.examples", self.examples, 0)
+        if self.limit is not None:
+            require_at_least("heldout.limit", self.limit, 1)
+
+    @property
+    def sampling(self) -> "SamplingConfig":
+        """Greedy, so a rerun gives the same answers."""
+        return SamplingConfig(temperature=0.0, max_new_tokens=self.max_new_tokens, seed=0)
 
 
 @dataclasses.dataclass(frozen=True)

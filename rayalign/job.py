@@ -14,7 +14,6 @@ Light to import: transformers and Ray are imported inside the functions that use
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Mapping
 
 from rayalign.config import ConfigError, DataConfig, EngineConfig, RayConfig, SamplingConfig
@@ -37,7 +36,9 @@ class JobInputs:
 
 def refuse(error: BaseException | str, prefix: str = "error") -> int:
     """Print ``<prefix>: <error>`` as the job's one line on stderr; returns 2, the exit code ``main`` returns."""
-    print(f"{prefix}: {error}", file=sys.stderr)
+    from rayalign.console import terminal_err
+
+    print(f"{prefix}: {error}", file=terminal_err())
     return 2
 
 

@@ -159,7 +159,8 @@ def test_histogram_edges_and_counts():
 def test_model_summary_counts_add_up_and_failures_stay_apart():
     scores = [0.1, 0.9, None, 0.4, 0.5, None]
     rule = [0.01, 0.99, 0.01, 0.99, 0.99, 0.99]
-    s = R.model_summary(scores, rule, [10, 20, 30, 40, 50, 60], ["stop", "length"] + ["stop"] * 4, threshold=0.5)
+    s = R.model_summary(["a"] * 6, scores, rule, [10, 20, 30, 40, 50, 60], ["stop", "length"] + ["stop"] * 4,
+                        threshold=0.5)
     j = s["judge"]
     assert (j["violations"], j["passes"], j["failures"]) == (2, 2, 2)  # 0.5 is a pass: "below" the threshold
     assert j["violations"] + j["passes"] + j["failures"] == s["prompts"] == 6
@@ -168,7 +169,7 @@ def test_model_summary_counts_add_up_and_failures_stay_apart():
     assert s["rule"] == {"violations": 2, "violation_rate": pytest.approx(2 / 6)}
     assert s["agreement"] == pytest.approx(3 / 4)  # judged prompts where judge and rule agree: 0, 1, 4
     assert s["response_tokens_mean"] == 35 and s["truncated"] == 1
-    failed = R.model_summary([None, None], None, [1, 1], ["stop", "stop"], threshold=0.5)
+    failed = R.model_summary(["a", "b"], [None, None], None, [1, 1], ["stop", "stop"], threshold=0.5)
     assert failed["judge"]["violation_rate"] is None and failed["judge"]["failures"] == 2 and failed["rule"] is None
 
 
@@ -185,7 +186,8 @@ def _report(models, pairwise):
 
 
 def test_check_report_finds_counts_that_do_not_add_up():
-    good = R.model_summary([0.1, 0.9, None], [0.01, 0.99, 0.99], [1, 2, 3], ["stop"] * 3, threshold=0.5)
+    good = R.model_summary(["a", "b", "c"], [0.1, 0.9, None], [0.01, 0.99, 0.99], [1, 2, 3], ["stop"] * 3,
+                           threshold=0.5)
     w = win_rate(batched(lambda p, f, s: "A"), PROMPTS[:3], ALIGNED[:3], BASE[:3])
     models = [{"label": "base", **good}, {"label": "m", **good}]
     assert R.check_report(_report(models, [{"model": "m", "baseline": "base", **w.as_dict()}])) == []
@@ -198,7 +200,8 @@ def test_check_report_finds_counts_that_do_not_add_up():
 
 
 def test_markdown_and_metrics_from_a_report():
-    summary = R.model_summary([0.1, 0.9], [0.01, 0.99], [4, 6], ["stop", "stop"], threshold=0.5)
+    summary = R.model_summary(["Grilled chicken.", "Tofu with rice."], [0.1, 0.9], [0.01, 0.99], [4, 6],
+                              ["stop", "stop"], threshold=0.5)
     w = win_rate(batched(lambda p, f, s: "A" if "tofu" in f else "B"), PROMPTS[:2], ALIGNED[:2], BASE[:2])
     report = {
         "data": {"source": "x.jsonl", "prompts": 2}, "rule": "vegetarian_lexicon",
@@ -211,7 +214,7 @@ def test_markdown_and_metrics_from_a_report():
                      "candidate": {"response": "Tofu.\nOr beans.", "score": 0.9, "rule_violation": False}}],
     }
     md = R.render_markdown(report, ["violations.png"])
-    assert "| run-1 | adapter | 1 / 2 | 50.0% | 1 / 2 | 50.0% | 0 | 0.500 | 5.0 |" in md
+    assert "| run-1 | adapter | 1 / 2 | 50.0% | 1 / 2 | 50.0% | 0 | 0.500 | 5.0 | 1 / 2 | 1.000 | 0.0% |" in md
     assert "| run-1 vs base | 2 | 0 (0, 0) | 0 | 0 | 100.0% | 50.0% |" in md
     assert "> Tofu.\n> Or beans." in md and "> **prompt:** q | p" in md and "![violations.png](violations.png)" in md
     metrics = R.flat_metrics(report)

@@ -24,7 +24,9 @@ from rayalign.learner.checkpoints import checkpoint_steps
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["trainer.prompts_per_step=4", "sampling.max_new_tokens=32", "tracking.sample_every=1"]
+SMALL = ["trainer.prompts_per_step=4", "sampling.max_new_tokens=32", "tracking.sample_every=1",
+         "heldout.enabled=false"]  # the held-out report at the end runs in the first test only
+CONSOLE_LINES = 40  # what the two-step default run may print, rayalign's lines only (vLLM, Ray, ... go to the log)
 # Dr. GRPO groups of 2, the KL in the loss (its default), one minibatch: the learner's single-pass step; with
 # DAPO's clip-higher and its overlong punishment over the last 8 of 32 tokens
 DR_GRPO_ONE_PASS = ["algorithm.name=dr_grpo", "sampling.n=2", "algorithm.minibatch_size=8",
@@ -44,10 +46,25 @@ def _steps(client, run_id: str, key: str) -> list[int]:
 
 
 def test_two_steps_with_the_default_reward(tmp_path, model_path):
-    result = run_job("ppo.py", "trainer.total_steps=2", "trainer.checkpoint_every=1", *SMALL, cwd=tmp_path,
-                     timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "MLflow run" in result.stdout and "reward" in result.stdout
+    result = run_job("ppo.py", "trainer.total_steps=2", "trainer.checkpoint_every=1", *SMALL, "heldout.enabled=true",
+                     "heldout.limit=6", "heldout.max_new_tokens=32", cwd=tmp_path, timeout=900)
+    (log,) = (tmp_path / "outputs" / "logs").glob("*.log")
+    assert result.returncode == 0, result.stderr[-4000:] + log.read_text()[-4000:]
+    assert "MLflow run" in result.stdout and "reward" in result.stdout and f"full log: {log}" in result.stdout
+
+    # the console: rayalign's lines, every step with its ETA; the engines', Ray's and DeepSpeed's in the log
+    console = result.stdout.splitlines() + result.stderr.splitlines()
+    assert len(console) <= CONSOLE_LINES, "\n".join(console)
+    steps = [line for line in result.stderr.splitlines() if " step " in line and " reward " in line]
+    assert len(steps) == 2 and "step 1/2" in steps[0] and "ETA" in steps[0] and steps[1].endswith("done"), steps
+    assert "vLLM" not in result.stderr.replace("(vLLM)", "") and "Ray Train + DeepSpeed" in result.stderr
+    log_text = log.read_text()
+    assert "step 2/2" in log_text and "INFO" in log_text and len(log_text.splitlines()) > 3 * len(console)
+
+    # the held-out report: the base (answered before the first update) and the aligned policy, side by side
+    assert "held-out: 6 prompts" in result.stdout and "guards: length" in result.stdout, result.stdout
+    table = result.stdout[result.stdout.index("held-out: 6 prompts"):]
+    assert "\nbase " in table and "\naligned " in table and "aligned vs base: violations" in table
 
     client, runs = _runs(tmp_path)
     (run,) = runs
@@ -68,6 +85,23 @@ def test_two_steps_with_the_default_reward(tmp_path, model_path):
     assert checkpoint_steps(str(tmp_path / "checkpoints"), run_dir.name) == [1, 2]
     state = json.loads((run_dir / "checkpoint_000002" / "driver_state.json").read_text())
     assert state["step"] == 2 and state["version"] == 2
+    base_answers = state["heldout_base"]["responses"]
+    assert len(base_answers) == 6 and all(isinstance(a, str) for a in base_answers)
+    heldout = json.loads(Path(client.download_artifacts(run.info.run_id, "heldout/report.json", str(tmp_path)))
+                         .read_text())
+    base, aligned = heldout["models"]
+    for m in (base, aligned):
+        judge = m["judge"]
+        assert judge["violations"] + judge["passes"] + judge["failures"] == m["prompts"] == 6
+        assert 0 <= m["rule"]["violations"] <= 6 and 0 <= m["independent"]["violations"] <= 6
+        assert run.data.metrics[f"heldout/{m['label']}/rule_violation_rate"] == m["rule"]["violation_rate"]
+    assert set(aligned["guards"]["passed"]) == {"length", "distinct_2", "refusals"}
+    assert run.data.metrics["heldout/aligned/guards/held"] == float(aligned["guards"]["held"])
+    for sample in heldout["samples"]:  # real answers of each model, where they differ
+        assert sample["base"]["response"] in base_answers
+        assert sample["candidate"]["response"].strip() != sample["base"]["response"].strip()
+        shown = " ".join(sample["candidate"]["response"].split())[:40]
+        assert shown in " ".join(result.stdout.split())  # and printed
     merged = tmp_path / "outputs" / run_dir.name / "merged"
     assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
 
@@ -104,7 +138,9 @@ def test_two_steps_with_the_default_reward(tmp_path, model_path):
     for name in ("score_histograms.png", "violations.png"):
         assert (report_dir / name).stat().st_size > 1000
     assert f"| {adapter_label} | adapter |" in (report_dir / "report.md").read_text()
-    assert "## Side by side" in (report_dir / "report.md").read_text() and "| base | base |" in evaluated.stdout
+    assert "## Side by side" in (report_dir / "report.md").read_text() and "| base | base |" in (
+        report_dir / "report.md").read_text()
+    assert "\nbase " in evaluated.stdout and "guards: length" in evaluated.stdout
     eval_client, (eval_run,) = _runs(tmp_path, "rayalign-eval")
     assert eval_run.info.run_id == report["mlflow_run_id"] and eval_run.info.status == "FINISHED"
     assert eval_run.data.metrics["base/violations"] == report["models"][0]["judge"]["violations"]
@@ -198,6 +234,7 @@ def test_failed_judgements_are_dropped_and_a_killed_run_resumes_exactly(tmp_path
 
     result = run_job("ppo.py", "trainer.total_steps=2", "trainer.resume=true", *args, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "held-out" not in result.stdout + result.stderr  # heldout.enabled=false: no base answers, no report
     assert "(resuming)" in result.stderr
 
     client, runs = _runs(tmp_path)

@@ -15,6 +15,7 @@ from conftest import run_job
 pytestmark = pytest.mark.slow
 
 TINY = ["trainer.total_steps=2", "trainer.checkpoint_every=0", "sampling.max_new_tokens=24", "sampling.n=2",
+        "heldout.enabled=false",
         "tracking.sample_every=1", "reward.components=[{name: lexicon, kind: rule, weight: 1.0, "
         "rule: vegetarian_lexicon}]"]
 

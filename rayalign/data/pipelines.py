@@ -110,7 +110,10 @@ def vllm_stage(gen: Generation, preprocess: Callable[[dict], dict], postprocess:
                               build_processor, vLLMEngineProcessorConfig)
 
     engine = gen.engine
-    engine_kwargs: dict[str, Any] = dict(dtype=gen.model.dtype, max_model_len=engine.max_model_len,
+    from rayalign.resources import engine_dtype
+
+    engine_kwargs: dict[str, Any] = dict(dtype=engine_dtype(gen.model.dtype, engine.num_gpus),
+                                         max_model_len=engine.max_model_len,
                                          enforce_eager=engine.enforce_eager,
                                          tensor_parallel_size=engine.tensor_parallel_size,
                                          trust_remote_code=gen.model.trust_remote_code, seed=gen.seed)

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from rayalign.evaluation import heldout as H
+
 
 def histogram(values: Sequence[float], bins: int, lo: float = 0.0, hi: float = 1.0) -> dict[str, list]:
     """Counts of ``values`` in ``bins`` equal bins over [lo, hi] (the last bin includes ``hi``)."""
@@ -24,34 +26,118 @@ def histogram(values: Sequence[float], bins: int, lo: float = 0.0, hi: float = 1
     return {"edges": [round(lo + i * width, 6) for i in range(bins + 1)], "counts": counts}
 
 
-def model_summary(scores: Sequence[float | None], rule_scores: Sequence[float] | None, lengths: Sequence[int],
-                  finish_reasons: Sequence[str], threshold: float, bins: int = 10) -> dict[str, Any]:
-    """One model's numbers from its per-prompt judge scores (None: judging failed), rule scores (None: no rule),
-    response lengths in tokens and finish reasons. A score below ``threshold`` is a violation."""
-    n = len(scores)
-    judged = [s for s in scores if s is not None]
-    violations = sum(s < threshold for s in judged)
+def answers(rollouts: Sequence[Any]) -> dict[str, list]:
+    """What a report reads of a model's rollouts, JSON-able (a training checkpoint keeps the base's): responses,
+    response lengths in tokens and finish reasons, one each per prompt."""
+    return {"responses": [r.response for r in rollouts], "tokens": [len(r.response_token_ids) for r in rollouts],
+            "finish_reasons": [r.finish_reason for r in rollouts]}
+
+
+def model_summary(responses: Sequence[str], scores: Sequence[float | None] | None,
+                  rule_scores: Sequence[float] | None, lengths: Sequence[int], finish_reasons: Sequence[str],
+                  threshold: float, bins: int = 10) -> dict[str, Any]:
+    """One model's numbers from its responses, per-prompt judge scores (None: judging failed; ``scores`` None: no
+    judge), rule scores (None: no rule), response lengths in tokens and finish reasons. A score below
+    ``threshold`` is a violation. The independent term list, distinct-2 and refusals come from the responses
+    (`rayalign.evaluation.heldout`)."""
+    n = len(responses)
     summary: dict[str, Any] = {
         "prompts": n,
-        "judge": {
+        "judge": None,
+        "rule": None,
+        "agreement": None,
+        "independent": {"violations": sum(map(H.mentions_meat, responses)),
+                        "violation_rate": sum(map(H.mentions_meat, responses)) / n if n else None},
+        "refusals": {"count": sum(map(H.is_refusal, responses)),
+                     "rate": sum(map(H.is_refusal, responses)) / n if n else 0.0},
+        "distinct_2": H.distinct_n(responses, 2),
+        "response_tokens_mean": sum(lengths) / n if n else None,
+        "truncated": sum(r == "length" for r in finish_reasons),
+    }
+    if scores is not None:
+        judged = [s for s in scores if s is not None]
+        violations = sum(s < threshold for s in judged)
+        summary["judge"] = {
             "violations": violations,
             "passes": len(judged) - violations,
             "failures": n - len(judged),
             "violation_rate": violations / len(judged) if judged else None,
             "mean_score": sum(judged) / len(judged) if judged else None,
             "histogram": histogram(judged, bins),
-        },
-        "rule": None,
-        "agreement": None,
-        "response_tokens_mean": sum(lengths) / n if n else None,
-        "truncated": sum(r == "length" for r in finish_reasons),
-    }
+        }
     if rule_scores is not None:
         rule_bad = [s < threshold for s in rule_scores]
         summary["rule"] = {"violations": sum(rule_bad), "violation_rate": sum(rule_bad) / n if n else None}
-        both = [(s < threshold) == r for s, r in zip(scores, rule_bad) if s is not None]
-        summary["agreement"] = sum(both) / len(both) if both else None
+        if scores is not None:
+            both = [(s < threshold) == r for s, r in zip(scores, rule_bad) if s is not None]
+            summary["agreement"] = sum(both) / len(both) if both else None
     return summary
+
+
+def summarize_models(models: Sequence[dict[str, Any]], answers_by_label: dict[str, dict[str, list]],
+                     judgements: dict[str, list] | None, rule_scores: dict[str, list[float] | None],
+                     threshold: float, bins: int = 10) -> list[dict[str, Any]]:
+    """The report's ``models``: for each of ``models`` (dicts with at least ``label``; the first is the base)
+    that dict with its `model_summary`, and for every other model its guards against the base
+    (`rayalign.evaluation.heldout.guards`). ``judgements`` (per label, one per prompt) is None without a judge."""
+    out = []
+    for m in models:
+        a = answers_by_label[m["label"]]
+        scores = None if judgements is None else [j.score for j in judgements[m["label"]]]
+        out.append({**m, **model_summary(a["responses"], scores, rule_scores[m["label"]], a["tokens"],
+                                         a["finish_reasons"], threshold, bins)})
+    for m in out[1:]:
+        m["guards"] = H.guards(out[0], m)
+    return out
+
+
+def heldout_report(prompts: Sequence[str], held: Any, answers_by_label: dict[str, dict[str, list]],
+                   judgements: dict[str, list] | None, threshold: float,
+                   judge: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report a training job ends with: ``answers_by_label`` (`answers`, the base's first) to the held-out
+    ``prompts`` as `summarize_models` sums them up, scored by ``held.rule`` (a `rayalign.config.HeldOutConfig`)
+    and, when ``judgements`` are given, by the judge (``judge`` describes it); and ``held.examples``
+    side-by-side samples per aligned model. Raises RuntimeError if its counts do not add up."""
+    from rayalign.config import to_dict
+    from rayalign.judge.rules import RULES
+
+    rule = RULES[held.rule] if held.rule else None
+    responses = {label: a["responses"] for label, a in answers_by_label.items()}
+    rule_scores = {label: [rule(p, r) for p, r in zip(prompts, rs)] if rule else None
+                   for label, rs in responses.items()}
+    labels = list(answers_by_label)
+    report = {
+        "data": {"source": held.prompts, "prompts": len(prompts)},
+        "judge": judge,
+        "rule": held.rule or None,
+        "sampling": to_dict(held.sampling),
+        "models": summarize_models([{"label": label} for label in labels], answers_by_label, judgements,
+                                   rule_scores, threshold),
+        "samples": [s for label in labels[1:]
+                    for s in side_by_side(prompts, labels[0], label, responses, judgements, rule_scores, None,
+                                          threshold, held.examples)],
+    }
+    problems = check_report(report)
+    if problems:
+        raise RuntimeError("inconsistent held-out report: " + "; ".join(problems))
+    return report
+
+
+def uninformative_judge(report: dict[str, Any]) -> list[str]:
+    """Why the report's judge figures carry no information, if they do not: one model's scores all in one bin
+    of the histogram, or the first answer picked in more than 90% of the pairwise comparisons."""
+    notes = []
+    for m in report["models"]:
+        j = m["judge"]
+        if j and j["histogram"]["counts"] and max(j["histogram"]["counts"]) == sum(j["histogram"]["counts"]) > 1:
+            edges, i = j["histogram"]["edges"], j["histogram"]["counts"].index(max(j["histogram"]["counts"]))
+            notes.append(f"the judge put every score of {m['label']} in one bin ({edges[i]:.2f}-{edges[i + 1]:.2f}): "
+                         "its violation figures for that model carry no information")
+    for p in report.get("pairwise", ()):
+        if p["first_position_rate"] is not None and p["first_position_rate"] > 0.9:
+            notes.append(f"the judge picked the first answer in {p['first_position_rate']:.0%} of the comparisons "
+                         f"of {p['model']} and {p['baseline']}: its win rate carries no information")
+    return notes
 
 
 def largest_gaps(base_scores: Sequence[float | None], scores: Sequence[float | None],
@@ -71,38 +157,44 @@ def largest_gaps(base_scores: Sequence[float | None], scores: Sequence[float | N
 
 
 def side_by_side(prompts: Sequence[str], baseline: str, label: str, responses: dict[str, list[str]],
-                 judgements: dict[str, list], rule_scores: dict[str, list[float] | None],
-                 outcomes: Sequence[str], threshold: float, top: int) -> list[dict[str, Any]]:
+                 judgements: dict[str, list] | None, rule_scores: dict[str, list[float] | None],
+                 outcomes: Sequence[str] | None, threshold: float, top: int) -> list[dict[str, Any]]:
     """The report's ``samples`` for one model: the ``top`` prompts where ``label``'s answers differ most from
-    ``baseline``'s (`largest_gaps`), both answers beside each other with their scores and the pairwise outcome.
-    ``responses``, ``judgements`` and ``rule_scores`` are per model label, each one entry per prompt."""
-    base_scores = [j.score for j in judgements[baseline]]
-    scores = [j.score for j in judgements[label]]
+    ``baseline``'s (`largest_gaps`), both answers beside each other with their scores and the pairwise outcome
+    (None: not compared). ``responses``, ``judgements`` (None: no judge) and ``rule_scores`` are per model label,
+    each one entry per prompt."""
+    def scores(name: str) -> list[float | None]:
+        return [None] * len(prompts) if judgements is None else [j.score for j in judgements[name]]
+
+    base_scores, model_scores = scores(baseline), scores(label)
 
     def side(name: str, i: int) -> dict[str, Any]:
         rule = rule_scores[name]
-        return {"response": responses[name][i], "score": judgements[name][i].score,
-                "judge_raw": judgements[name][i].raw[:200],
-                "rule_violation": None if rule is None else rule[i] < threshold}
+        return {"response": responses[name][i], "score": scores(name)[i],
+                "judge_raw": "" if judgements is None else judgements[name][i].raw[:200],
+                "rule_violation": None if rule is None else rule[i] < threshold,
+                "meat_word": H.mentions_meat(responses[name][i])}
 
-    return [{"model": label, "baseline": baseline, "prompt": prompts[i], "pairwise": outcomes[i],
-             "gap": None if scores[i] is None or base_scores[i] is None else scores[i] - base_scores[i],
+    return [{"model": label, "baseline": baseline, "prompt": prompts[i],
+             "pairwise": None if outcomes is None else outcomes[i],
+             "gap": None if model_scores[i] is None or base_scores[i] is None else model_scores[i] - base_scores[i],
              "base": side(baseline, i), "candidate": side(label, i)}
-            for i in largest_gaps(base_scores, scores, responses[baseline], responses[label],
+            for i in largest_gaps(base_scores, model_scores, responses[baseline], responses[label],
                                   rule_scores[baseline], rule_scores[label], top)]
 
 
-def write_samples(path: Path, prompts: Sequence[str], rollouts: dict[str, list], judgements: dict[str, list],
-                  rule_scores: dict[str, list[float] | None]) -> None:
+def write_samples(path: Path, prompts: Sequence[str], answers_by_label: dict[str, dict[str, list]],
+                  judgements: dict[str, list] | None, rule_scores: dict[str, list[float] | None]) -> None:
     """``samples.jsonl``: one line per (prompt, model) with the response, its judgement and its rule score;
-    ``rollouts``, ``judgements`` and ``rule_scores`` are per model label, each one entry per prompt."""
+    ``answers_by_label`` (`answers`), ``judgements`` (None: no judge) and ``rule_scores`` are per model label,
+    each one entry per prompt."""
     with open(path, "w") as f:
         for i, prompt in enumerate(prompts):
-            for label, rs in rollouts.items():
-                j, rule = judgements[label][i], rule_scores[label]
-                f.write(json.dumps({"prompt": prompt, "model": label, "response": rs[i].response,
-                                    "tokens": len(rs[i].response_token_ids), "finish_reason": rs[i].finish_reason,
-                                    "score": j.score, "judge_raw": j.raw, "judge_error": j.error,
+            for label, a in answers_by_label.items():
+                j, rule = None if judgements is None else judgements[label][i], rule_scores[label]
+                f.write(json.dumps({"prompt": prompt, "model": label, "response": a["responses"][i],
+                                    "tokens": a["tokens"][i], "finish_reason": a["finish_reasons"][i],
+                                    "score": j and j.score, "judge_raw": j and j.raw, "judge_error": j and j.error,
                                     "rule_score": None if rule is None else rule[i]}) + "\n")
 
 
@@ -111,16 +203,19 @@ def check_report(report: dict[str, Any]) -> list[str]:
     problems = []
     for m in report["models"]:
         j, n = m["judge"], m["prompts"]
-        if j["violations"] + j["passes"] + j["failures"] != n:
+        if j is not None and j["violations"] + j["passes"] + j["failures"] != n:
             problems.append(f"{m['label']}: violations {j['violations']} + passes {j['passes']} + failures "
                             f"{j['failures']} != prompts {n}")
-        if sum(j["histogram"]["counts"]) != j["violations"] + j["passes"]:
+        if j is not None and sum(j["histogram"]["counts"]) != j["violations"] + j["passes"]:
             problems.append(f"{m['label']}: the histogram holds {sum(j['histogram']['counts'])} scores, "
                             f"expected {j['violations'] + j['passes']}")
-        if m["rule"] is not None and not 0 <= m["rule"]["violations"] <= n:
-            problems.append(f"{m['label']}: rule violations {m['rule']['violations']} outside [0, {n}]")
+        for name in ("rule", "independent"):
+            if m[name] is not None and not 0 <= m[name]["violations"] <= n:
+                problems.append(f"{m['label']}: {name} violations {m[name]['violations']} outside [0, {n}]")
+        if not 0 <= m["refusals"]["count"] <= n:
+            problems.append(f"{m['label']}: refusals {m['refusals']['count']} outside [0, {n}]")
     prompts = {m["label"]: m["prompts"] for m in report["models"]}
-    for p in report["pairwise"]:
+    for p in report.get("pairwise", ()):
         total = p["wins"] + p["ties"] + p["losses"] + p["failed"]
         if total != prompts.get(p["model"]):
             problems.append(f"{p['model']} vs {p['baseline']}: wins + ties + losses + failed = {total}, "
@@ -134,20 +229,79 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The report's numbers as MLflow metrics ``<model>/<name>`` (undefined rates are left out)."""
     metrics: dict[str, Any] = {}
     for m in report["models"]:
-        j, r = m["judge"], m["rule"] or {}
-        for key, value in (("violations", j["violations"]), ("judge_failures", j["failures"]),
-                           ("violation_rate", j["violation_rate"]), ("mean_score", j["mean_score"]),
+        j, r, g = m["judge"] or {}, m["rule"] or {}, m.get("guards") or {}
+        for key, value in (("violations", j.get("violations")), ("judge_failures", j.get("failures")),
+                           ("violation_rate", j.get("violation_rate")), ("mean_score", j.get("mean_score")),
                            ("rule_violations", r.get("violations")), ("rule_violation_rate", r.get("violation_rate")),
-                           ("response_tokens_mean", m["response_tokens_mean"])):
+                           ("meat_word_rate", m["independent"]["violation_rate"]),
+                           ("refusal_rate", m["refusals"]["rate"]), ("distinct_2", m["distinct_2"]),
+                           ("response_tokens_mean", m["response_tokens_mean"]),
+                           ("guards/length_ratio", g.get("length_ratio")),
+                           ("guards/distinct_2_ratio", g.get("distinct_2_ratio")),
+                           ("guards/held", None if not g else float(g["held"]))):
             metrics[f"{m['label']}/{key}"] = value
-    for p in report["pairwise"]:
+    for p in report.get("pairwise", ()):
         for key in ("wins", "ties", "losses", "failed", "win_rate"):
             metrics[f"{p['model']}/pairwise_{key}"] = p[key]
     return {k: v for k, v in metrics.items() if v is not None}
 
 
+def text_table(report: dict[str, Any], kl: float | None = None) -> str:
+    """The held-out result for a terminal: one row per model (violations by the judge, by the rule and by the
+    independent term list, mean judge score, length, distinct-2, refusals), then per aligned model its drops
+    against the base and its guards, then any note that the judge's figures carry no information."""
+    rule = report.get("rule") or "rule"
+    head = (f"{'model':<14} {'judge viol.':>11} {rule[:12] + ' viol.':>18} {'meat words':>10} {'mean score':>10} "
+            f"{'tokens':>7} {'distinct-2':>10} {'refusals':>8}")
+    lines = [head]
+    for m in report["models"]:
+        j, r = m["judge"] or {}, m["rule"] or {}
+        lines.append(f"{m['label'][:14]:<14} {_pct(j.get('violation_rate')):>11} {_pct(r.get('violation_rate')):>18} "
+                     f"{_pct(m['independent']['violation_rate']):>10} {_num(j.get('mean_score')):>10} "
+                     f"{_num(m['response_tokens_mean'], 1):>7} {m['distinct_2']:>10.3f} "
+                     f"{_pct(m['refusals']['rate']):>8}")
+    base = report["models"][0]
+    for m in report["models"][1:]:
+        drops = []
+        for name, b, a in (("judge", (base["judge"] or {}).get("violation_rate"), (m["judge"] or {}).get("violation_rate")),
+                           (rule, (base["rule"] or {}).get("violation_rate"), (m["rule"] or {}).get("violation_rate")),
+                           ("term list", base["independent"]["violation_rate"], m["independent"]["violation_rate"])):
+            if b is not None or a is not None:
+                drops.append(f"{_change(H.relative_drop(b, a))} by the {name}")
+        lines.append(f"{m['label']} vs {base['label']}: violations " + ", ".join(drops))
+        g = m["guards"]
+        ok = {True: "ok", False: "FAILED"}
+        lines.append(
+            f"guards: length {_num(g['length_ratio'], 2)}x the base's (>= {H.LENGTH_RATIO_MIN}) {ok[g['passed']['length']]}, "
+            f"distinct-2 {_num(g['distinct_2_ratio'], 2)}x (>= {H.DISTINCT_2_RATIO_MIN}) {ok[g['passed']['distinct_2']]}, "
+            f"refusals {_pct(g['refusal_rate'])} (<= {H.REFUSAL_RATE_MAX:.0%}) {ok[g['passed']['refusals']]}"
+            + (f"; final KL {kl:.3f}" if kl is not None else ""))
+    lines += [f"note: {n}" for n in uninformative_judge(report)]
+    return "\n".join(lines)
+
+
+def text_examples(samples: Sequence[dict[str, Any]], width: int = 300) -> str:
+    """Side-by-side samples for a terminal: the prompt, then each model's answer (cut to ``width`` characters)."""
+    def tag(side: dict[str, Any]) -> str:
+        marks = [f"score {side['score']:.2f}"] if side["score"] is not None else []
+        marks += ["rule: violation"] if side["rule_violation"] else []
+        marks += ["meat word"] if side.get("meat_word") else []
+        return f" ({', '.join(marks)})" if marks else ""
+
+    out = []
+    for s in samples:
+        out += [f">>> {s['prompt'].strip()}",
+                f"[{s['baseline']}]{tag(s['base'])} {' '.join(s['base']['response'].split())[:width]}",
+                f"[{s['model']}]{tag(s['candidate'])} {' '.join(s['candidate']['response'].split())[:width]}", ""]
+    return "\n".join(out).rstrip()
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _change(drop: float | None) -> str:
+    return "n/a (the base has none)" if drop is None else f"{drop:.0%} fewer" if drop >= 0 else f"{-drop:.0%} more"
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -162,15 +316,17 @@ def headline_table(report: dict[str, Any]) -> str:
     """Markdown: one row per model."""
     rule = report.get("rule") or "rule"
     lines = [f"| model | kind | judge violations | judge rate | {rule} violations | {rule} rate | judge failures "
-             "| mean score | mean tokens |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| mean score | mean tokens | meat words (independent) | distinct-2 | refusals |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in report["models"]:
         j, r = m["judge"], m["rule"]
         judged = j["violations"] + j["passes"]
         rule_cells = (f"{r['violations']} / {m['prompts']}", _pct(r["violation_rate"])) if r else ("-", "-")
         lines.append(f"| {_cell(m['label'])} | {m['kind']} | {j['violations']} / {judged} | "
                      f"{_pct(j['violation_rate'])} | {rule_cells[0]} | {rule_cells[1]} | {j['failures']} | "
-                     f"{_num(j['mean_score'])} | {_num(m['response_tokens_mean'], 1)} |")
+                     f"{_num(j['mean_score'])} | {_num(m['response_tokens_mean'], 1)} | "
+                     f"{m['independent']['violations']} / {m['prompts']} | {m['distinct_2']:.3f} | "
+                     f"{_pct(m['refusals']['rate'])} |")
     return "\n".join(lines)
 
 
@@ -222,6 +378,19 @@ def render_markdown(report: dict[str, Any], images: Sequence[str] = ()) -> str:
         "violations.", "",
         "## Headline", "", headline_table(report), "",
     ]
+    guarded = [m for m in report["models"] if m.get("guards")]
+    if guarded:
+        out += ["Guards against the base (see `rayalign/evaluation/heldout.py`): mean length at least "
+                f"{H.LENGTH_RATIO_MIN:.0%} of the base's, distinct-2 at least {H.DISTINCT_2_RATIO_MIN:.0%} of the "
+                f"base's, at most {H.REFUSAL_RATE_MAX:.0%} empty or refusal-like answers.", ""]
+        for m in guarded:
+            g = m["guards"]
+            failed = [k for k, ok in g["passed"].items() if not ok]
+            out.append(f"- {_cell(m['label'])}: length {_num(g['length_ratio'], 2)}x, distinct-2 "
+                       f"{_num(g['distinct_2_ratio'], 2)}x, refusals {_pct(g['refusal_rate'])}: "
+                       + ("held" if g["held"] else "FAILED (" + ", ".join(failed) + ")"))
+        out.append("")
+    out += [f"**Note:** {n}." for n in uninformative_judge(report)] + [""] * bool(uninformative_judge(report))
     if report["pairwise"]:
         out += ["## Win rate against the base", "",
                 "Each pair is judged in both orders: a win needs the judge to prefer the model's answer in both "

@@ -85,6 +85,13 @@ class CompositeReward:
                 fn.shutdown()
 
 
+def judge_of(reward: Any) -> JudgeReward | None:
+    """The LLM judge in a reward (itself, or a composite's judge component), None when it has none."""
+    if isinstance(reward, JudgeReward):
+        return reward
+    return next((fn for _, _, fn in getattr(reward, "parts", ()) if isinstance(fn, JudgeReward)), None)
+
+
 def combine(parts: Sequence[tuple[str, float, Judgement]]) -> Judgement:
     """One sample's composite judgement from its (name, weight, judgement) per component: failed when any
     component failed (named in the error), else reward = sum(w * reward), score = the |w|-weighted mean score."""

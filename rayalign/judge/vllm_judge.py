@@ -121,6 +121,10 @@ def judge_deployment(model_path: str, config: JudgeConfig) -> Any:
     class JudgeDeployment:
         def __init__(self) -> None:
             self.core = JudgeCore(model_path, config)
+            # one judgement before the replica reports RUNNING: on a fresh machine the engine's first forward
+            # compiles its kernels for minutes, which belongs to the judge's start (judge.start_timeout_s), not
+            # to the first training step's request (judge.timeout_s)
+            self.core.judge([("What can I cook tonight?", "A lentil soup.")])
 
         @serve.batch(max_batch_size=config.max_batch_size, batch_wait_timeout_s=config.batch_wait_timeout_s)
         async def judge(self, items: list[tuple[str, str]]) -> list[Judgement]:

@@ -20,7 +20,10 @@ from rayalign.types import Rollout
 
 def vllm_kwargs(model_path: str, dtype: str, engine: EngineConfig, **extra: Any) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` for one engine (rollout or judge) from its config."""
-    kwargs: dict[str, Any] = dict(model=model_path, dtype=dtype, tensor_parallel_size=engine.tensor_parallel_size,
+    from rayalign.resources import engine_dtype
+
+    kwargs: dict[str, Any] = dict(model=model_path, dtype=engine_dtype(dtype, engine.num_gpus),
+                                  tensor_parallel_size=engine.tensor_parallel_size,
                                   max_model_len=engine.max_model_len, enforce_eager=engine.enforce_eager, **extra)
     if engine.num_gpus > 0:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization

@@ -137,7 +137,9 @@ class RolloutGroup:
         to the store and pulled (`sync`), or broadcast (`push`). When this returns, they all generate with it."""
         if self.sync_plan is None:
             raise RuntimeError("this group serves a fixed model (no sync_plan): nothing can update it")
-        dtype = self._engine_args[1].dtype
+        from rayalign.resources import engine_dtype
+
+        dtype = engine_dtype(self._engine_args[1].dtype, self._engine_args[2].num_gpus)
         if self.sync_plan.route == "broadcast":
             if self._update_sender is None or self._update_sender[0] is not source:
                 self._update_sender = (source, source.weight_sender(dtype))
