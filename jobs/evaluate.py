@@ -227,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + R.text_table(report))
     if report["pairwise"]:
         print("\n" + R.win_rate_table(report))
-    for note in R.uninformative_judge(report):
-        log.warning("%s", note)
     print(f"\nreport: {out / 'report.md'} (MLflow run {tracker.run_id} at {C.redact_url(tracker.uri)})")
     ray.shutdown()
     return 0

@@ -87,6 +87,7 @@ def test_dpo_two_steps_then_killed_and_resumed_exactly(tmp_path):
     assert {"model/adapter", "model/merged"} <= artifacts
 
 
+@pytest.mark.long  # KTO's loss is unit-tested; the job path is the DPO test's
 def test_kto_two_steps(tmp_path):
     result = run_job("dpo.py", *SMALL, "algorithm.name=kto", "data.train=builtin:vegetarian/kto",
                      "trainer.total_steps=2", "trainer.eval_every=1", cwd=tmp_path, timeout=900)
@@ -106,6 +107,7 @@ def test_bad_data_is_one_line(tmp_path):
                                                       "chosen and rejected)")
 
 
+@pytest.mark.long  # four real steps
 def test_reward_accuracy_rises_and_the_run_id_resolves_for_serve_and_evaluate(tmp_path, monkeypatch, model_path):
     """Three steps on the same four pairs (one minibatch an epoch), evaluated on those pairs: the step-1 margins
     are exactly 0 (the policy is its reference), then accuracy and margin rise; serve and evaluate take the run

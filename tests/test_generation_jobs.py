@@ -140,6 +140,7 @@ class _FlakyJudge(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.long  # a third preferences run
 def test_generate_preferences_counts_an_endpoint_judge_failing_for_some_rows(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyJudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -56,6 +56,7 @@ def test_serve_batching_and_unbatched_routes_agree(serve_judge):
     assert a == pytest.approx(b, abs=0.02)
 
 
+@pytest.mark.long  # the validate job's own start
 def test_validate_judge_job_on_a_slice(tmp_path):
     from rayalign.data.prompts import dataset_path
 

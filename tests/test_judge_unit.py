@@ -324,3 +324,13 @@ def test_roc_auc_by_hand():
     assert roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.9, 0.8]) == 0.0
     assert roc_auc([1, 0, 1, 0], [0.5, 0.5, 0.9, 0.1]) == pytest.approx((1 + 0.5 + 1 + 1) / 4)
     assert roc_auc([1, 1], [0.3, 0.4]) is None
+
+
+def test_judge_of_finds_the_judge_in_a_composite_or_none():
+    from rayalign.judge.reward import JudgeReward, build_reward, judge_of
+
+    composite = build_reward(RewardConfig())  # the judge alone (no components): started on first use only
+    assert isinstance(judge_of(composite), JudgeReward)
+    rules = build_reward(RewardConfig(components=(
+        RewardComponent(name="lexicon", kind="rule", weight=1.0, rule="vegetarian_lexicon"),)))
+    assert judge_of(rules) is None

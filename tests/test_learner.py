@@ -160,6 +160,7 @@ def test_zero3_learner_exports_and_resumes_whole_weights(local_ray, model_path, 
     assert torch.allclose(again[mask], policy[mask], atol=1e-5)
 
 
+@pytest.mark.long  # two 2-rank learners
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_full_finetune_keeps_the_frozen_reference(local_ray, model_path, tmp_path, zero_stage):
     """Full finetune on 2 ranks: the frozen reference (sharded like the policy under ZeRO-3, whole otherwise) gives

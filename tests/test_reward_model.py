@@ -101,6 +101,7 @@ def test_reward_model_in_a_composite_matches_the_model(local_ray, classifier):
     assert not judgements[-1].ok and "max_length" in judgements[-1].error
 
 
+@pytest.mark.long  # the validate job's own start
 @pytest.mark.slow
 def test_validate_judge_on_a_reward_model_composite(tmp_path, classifier):
     from rayalign.data.prompts import dataset_path

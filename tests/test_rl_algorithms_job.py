@@ -37,6 +37,7 @@ def _run(cwd: Path):
     return client, run
 
 
+@pytest.mark.long  # one job per algorithm
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_steps(tmp_path, name):
     extra, keys = CASES[name]

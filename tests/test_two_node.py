@@ -9,6 +9,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.long  # a second Ray node
 def test_full_sync_reaches_an_engine_on_another_node(model_path, tmp_path):
     """Two Ray nodes on this machine (in a process of its own): the engine copies the buckets it cannot see, and
     takes a broadcast without copies."""
