@@ -293,7 +293,7 @@ def text_examples(samples: Sequence[dict[str, Any]], width: int = 300) -> str:
         out += [f">>> {s['prompt'].strip()}",
                 f"[{s['baseline']}]{tag(s['base'])} {' '.join(s['base']['response'].split())[:width]}",
                 f"[{s['model']}]{tag(s['candidate'])} {' '.join(s['candidate']['response'].split())[:width]}", ""]
-    return "\n".join(out).rstrip()
+    return "\n".join(out).rstrip() or "(none: the two models gave the same answers)"
 
 
 def _pct(x: float | None) -> str:
