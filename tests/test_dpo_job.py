@@ -33,6 +33,7 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
+@pytest.mark.long  # three runs; exact resume stays in CI through jobs/ppo.py's test
 def test_dpo_two_steps_then_killed_and_resumed_exactly(tmp_path):
     args = [*SMALL, "trainer.checkpoint_every=1", "trainer.eval_every=2", "trainer.run_name=dpo-run",
             "trainer.total_steps=3"]
@@ -107,7 +108,6 @@ def test_bad_data_is_one_line(tmp_path):
                                                       "chosen and rejected)")
 
 
-@pytest.mark.long  # four real steps
 def test_reward_accuracy_rises_and_the_run_id_resolves_for_serve_and_evaluate(tmp_path, monkeypatch, model_path):
     """Three steps on the same four pairs (one minibatch an epoch), evaluated on those pairs: the step-1 margins
     are exactly 0 (the policy is its reference), then accuracy and margin rise; serve and evaluate take the run

@@ -31,6 +31,7 @@ def _metrics(cwd: Path, experiment: str) -> dict[str, float]:
     return runs[0].data.metrics
 
 
+@pytest.mark.long  # two runs; the preferences test runs the same Ray Data stages and shard resume
 def test_generate_prompts_killed_after_first_shard_then_resumed(tmp_path):
     args = ["output.dir=out", "topics.per_topic=2", "pipeline.shard_size=8", "pipeline.batch_size=8"]
     first = run_job("generate_prompts.py", *args, cwd=tmp_path, env={"RAYALIGN_KILL_AFTER_SHARDS": "1"})
