@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.judge.openai_judge import JudgeUnavailableError
     from rayalign.judge.pairwise import win_rate
     from rayalign.judge.reward import build_judge
-    from rayalign.judge.rules import RULES
     from rayalign.tracking import Tracker
 
     replicas = cfg.judge.max_replicas if cfg.judge.backend == "vllm" else 0
@@ -188,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             judge.shutdown()
-        rule = RULES[cfg.report.rule] if cfg.report.rule else None
-        rule_scores = {label: [rule(p, r) for p, r in zip(prompts, rs)] if rule else None
-                       for label, rs in responses.items()}
+        rule_scores = R.score_by_rule(cfg.report.rule, prompts, responses)
 
         # -- report ------------------------------------------------------------------------------------------
         answers = {label: R.answers(rs) for label, rs in rollouts.items()}

@@ -41,15 +41,14 @@ def model_summary(responses: Sequence[str], scores: Sequence[float | None] | Non
     ``threshold`` is a violation. The independent term list, distinct-2 and refusals come from the responses
     (`rayalign.evaluation.heldout`)."""
     n = len(responses)
+    meat, refusals = sum(map(H.mentions_meat, responses)), sum(map(H.is_refusal, responses))
     summary: dict[str, Any] = {
         "prompts": n,
         "judge": None,
         "rule": None,
         "agreement": None,
-        "independent": {"violations": sum(map(H.mentions_meat, responses)),
-                        "violation_rate": sum(map(H.mentions_meat, responses)) / n if n else None},
-        "refusals": {"count": sum(map(H.is_refusal, responses)),
-                     "rate": sum(map(H.is_refusal, responses)) / n if n else 0.0},
+        "independent": {"violations": meat, "violation_rate": meat / n if n else None},
+        "refusals": {"count": refusals, "rate": refusals / n if n else 0.0},
         "distinct_2": H.distinct_n(responses, 2),
         "response_tokens_mean": sum(lengths) / n if n else None,
         "truncated": sum(r == "length" for r in finish_reasons),
@@ -91,6 +90,15 @@ def summarize_models(models: Sequence[dict[str, Any]], answers_by_label: dict[st
     return out
 
 
+def score_by_rule(rule_name: str, prompts: Sequence[str],
+                  responses: dict[str, list[str]]) -> dict[str, list[float] | None]:
+    """Per model label, the rule ``rule_name``'s score of each response (None per label when there is no rule)."""
+    from rayalign.judge.rules import RULES
+
+    rule = RULES[rule_name] if rule_name else None
+    return {label: [rule(p, r) for p, r in zip(prompts, rs)] if rule else None for label, rs in responses.items()}
+
+
 def heldout_report(prompts: Sequence[str], held: Any, answers_by_label: dict[str, dict[str, list]],
                    judgements: dict[str, list] | None, threshold: float,
                    judge: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -99,12 +107,9 @@ def heldout_report(prompts: Sequence[str], held: Any, answers_by_label: dict[str
     and, when ``judgements`` are given, by the judge (``judge`` describes it); and ``held.examples``
     side-by-side samples per aligned model. Raises RuntimeError if its counts do not add up."""
     from rayalign.config import to_dict
-    from rayalign.judge.rules import RULES
 
-    rule = RULES[held.rule] if held.rule else None
     responses = {label: a["responses"] for label, a in answers_by_label.items()}
-    rule_scores = {label: [rule(p, r) for p, r in zip(prompts, rs)] if rule else None
-                   for label, rs in responses.items()}
+    rule_scores = score_by_rule(held.rule, prompts, responses)
     labels = list(answers_by_label)
     report = {
         "data": {"source": held.prompts, "prompts": len(prompts)},
@@ -163,14 +168,13 @@ def side_by_side(prompts: Sequence[str], baseline: str, label: str, responses: d
     ``baseline``'s (`largest_gaps`), both answers beside each other with their scores and the pairwise outcome
     (None: not compared). ``responses``, ``judgements`` (None: no judge) and ``rule_scores`` are per model label,
     each one entry per prompt."""
-    def scores(name: str) -> list[float | None]:
-        return [None] * len(prompts) if judgements is None else [j.score for j in judgements[name]]
-
-    base_scores, model_scores = scores(baseline), scores(label)
+    scores = {name: [None] * len(prompts) if judgements is None else [j.score for j in judgements[name]]
+              for name in (baseline, label)}
+    base_scores, model_scores = scores[baseline], scores[label]
 
     def side(name: str, i: int) -> dict[str, Any]:
         rule = rule_scores[name]
-        return {"response": responses[name][i], "score": scores(name)[i],
+        return {"response": responses[name][i], "score": scores[name][i],
                 "judge_raw": "" if judgements is None else judgements[name][i].raw[:200],
                 "rule_violation": None if rule is None else rule[i] < threshold,
                 "meat_word": H.mentions_meat(responses[name][i])}
