@@ -37,9 +37,8 @@ class Console:
     """The terminal's streams (``out`` for the job's results, ``err`` for progress and problems) and the log
     file the rest goes to (None when verbose: then everything is on the terminal)."""
 
-    def __init__(self, out: TextIO, err: TextIO, log_path: Path | None, restore: Callable[[], None] | None = None):
+    def __init__(self, out: TextIO, err: TextIO, log_path: Path | None):
         self.out, self.err, self.log_path = out, err, log_path
-        self._restore = restore
 
     def watch_ray(self) -> None:
         """Echo ERROR lines from Ray's workers to the terminal (they all go to the log file already). Call it
@@ -79,11 +78,6 @@ class Console:
             print(f"(full log: {self.log_path})", file=self.err, flush=True)
             return 1
 
-    def close(self) -> None:
-        if self._restore is not None:
-            self._restore()
-            self._restore = None
-
 
 def quiet(log_path: str | Path, verbose: bool) -> Console:
     """Set up logging for a job: everything at INFO to the log file at ``log_path`` (created, appended to), and
@@ -95,9 +89,8 @@ def quiet(log_path: str | Path, verbose: bool) -> Console:
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    out = os.fdopen(os.dup(saved[0]), "w", buffering=1)
-    err = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    out = os.fdopen(os.dup(1), "w", buffering=1)  # the terminal, kept before fds 1 and 2 go to the log
+    err = os.fdopen(os.dup(2), "w", buffering=1)
     log = open(path, "a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
@@ -113,18 +106,7 @@ def quiet(log_path: str | Path, verbose: bool) -> Console:
     root.addHandler(to_terminal)
     logging.captureWarnings(True)  # Python warnings go to the log file
 
-    def restore() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        root.removeHandler(to_file)
-        root.removeHandler(to_terminal)
-        logging.captureWarnings(False)
-        global _active
-        _active = None
-
-    console = Console(out, err, path, restore)
+    console = Console(out, err, path)
     global _active
     _active = console
     return console
