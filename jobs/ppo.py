@@ -241,6 +241,10 @@ def train(cfg: PPOJobConfig, run: tuple, console) -> int:
             "no step had finished"
         raise SystemExit(f"error: {reason}; stopping at step {step} ({done})")
 
+    def single_pass(samples: int) -> bool:
+        """One optimizer step on fresh samples, with advantages that read no logprobs: no old-policy pass."""
+        return algo.epochs == 1 and samples <= algo.minibatch_size and not rl.needs_logprobs(algo)
+
     # -- the loop -------------------------------------------------------------------------------------------
     status = "FINISHED"
     try:
@@ -265,9 +269,8 @@ def train(cfg: PPOJobConfig, run: tuple, console) -> int:
             # logprobs (GRPO/RLOO with the KL in the loss): the old policy is then the current one, and the learner
             # computes the reference logprobs inside the training step (as TRL does with one iteration).
             batch = pad_rollouts(rollouts)
-            single_pass = algo.epochs == 1 and len(rollouts) <= algo.minibatch_size and not rl.needs_logprobs(algo)
             # (with dynamic sampling the batch is only known after the refills: the pass waits for them)
-            old_pass = None if single_pass or algo.dynamic_sampling else learner.forward_async(
+            old_pass = None if single_pass(len(rollouts)) or algo.dynamic_sampling else learner.forward_async(
                 ray.put(batch), len(rollouts), cfg.sampling.temperature)
 
             def judge(rollouts: list) -> list:
@@ -303,8 +306,7 @@ def train(cfg: PPOJobConfig, run: tuple, console) -> int:
                 keep = list(range(len(rollouts)))
                 if rollouts:
                     batch = pad_rollouts(rollouts)
-                    if not (algo.epochs == 1 and len(rollouts) <= algo.minibatch_size
-                            and not rl.needs_logprobs(algo)):
+                    if not single_pass(len(rollouts)):
                         old_pass = learner.forward_async(ray.put(batch), len(rollouts), cfg.sampling.temperature)
             if len(keep) < max(group, 1) or len(keep) < cfg.learner.num_workers:
                 if old_pass is not None:

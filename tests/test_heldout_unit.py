@@ -37,7 +37,7 @@ def test_a_good_aligned_model_holds_every_guard_and_cuts_violations():
     assert base["independent"]["violations"] == 10 and aligned["independent"]["violations"] == 0
     assert base["rule"]["violations"] == 10 and aligned["rule"]["violations"] == 0
     assert aligned["guards"]["held"] and aligned["guards"]["passed"] == {"length": True, "distinct_2": True,
-                                                                         "refusals": True}
+                                                                         "refusals": True, "repetitive": True}
     assert "guards" not in base
     text = R.text_table(report, kl=0.25)
     assert "100% fewer by the vegetarian_lexicon" in text and "100% fewer by the term list" in text
@@ -49,7 +49,8 @@ def test_a_good_aligned_model_holds_every_guard_and_cuts_violations():
 @pytest.mark.parametrize("degenerate, tripped", [
     ([""] * 20, {"length", "distinct_2", "refusals"}),  # empty answers: no violations, and every guard trips
     (["Tofu is great. Tofu is great. Tofu is great. Tofu is great. Tofu is great. Tofu is great. Tofu is great."]
-     * 20, {"distinct_2"}),  # one safe phrase, repeated
+     * 20, {"distinct_2", "repetitive"}),  # one safe phrase, repeated
+    (["A: " * 16] * 2 + GOOD[2:], {"repetitive"}),  # two answers collapse: all answers' distinct-2 barely moves
     (["I'm sorry, but I can't help with that request right now, sorry about that, friend, I cannot say more."]
      * 10 + GOOD[10:], {"refusals"}),  # half refusals, long enough to keep the length
     (["Lentils."] * 20, {"length", "distinct_2"}),
@@ -60,6 +61,14 @@ def test_degenerate_answers_trip_their_guards(degenerate, tripped):
     failed = {k for k, ok in aligned["guards"]["passed"].items() if not ok}
     assert failed == tripped and not aligned["guards"]["held"]
     assert "FAILED" in R.text_table(_report(degenerate))
+
+
+def test_an_answer_is_repetitive_when_it_loops_on_its_own():
+    assert H.is_repetitive("A: " * 16) and H.is_repetitive("The best is the best is the best is the best is the best")
+    assert not H.is_repetitive(GOOD[0]) and not H.is_repetitive("A: A: A:")  # too short to call
+    report = _report(["A: " * 16] * 2 + GOOD[2:])
+    assert report["models"][1]["repetitive"] == {"count": 2, "rate": 0.1}
+    assert "repeats 10.0% (<= 5%) FAILED" in R.text_table(report)
 
 
 def test_refusals_are_short_and_open_with_one():

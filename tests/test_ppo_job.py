@@ -97,7 +97,7 @@ def test_two_steps_with_the_default_reward(tmp_path, model_path):
         assert judge["violations"] + judge["passes"] + judge["failures"] == m["prompts"] == 6
         assert 0 <= m["rule"]["violations"] <= 6 and 0 <= m["independent"]["violations"] <= 6
         assert run.data.metrics[f"heldout/{m['label']}/rule_violation_rate"] == m["rule"]["violation_rate"]
-    assert set(aligned["guards"]["passed"]) == {"length", "distinct_2", "refusals"}
+    assert set(aligned["guards"]["passed"]) == {"length", "distinct_2", "refusals", "repetitive"}
     assert run.data.metrics["heldout/aligned/guards/held"] == float(aligned["guards"]["held"])
     for sample in heldout["samples"]:  # real answers of each model, where they differ
         assert sample["base"]["response"] in base_answers

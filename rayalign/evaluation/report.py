@@ -38,10 +38,12 @@ def model_summary(responses: Sequence[str], scores: Sequence[float | None] | Non
                   threshold: float, bins: int = 10) -> dict[str, Any]:
     """One model's numbers from its responses, per-prompt judge scores (None: judging failed; ``scores`` None: no
     judge), rule scores (None: no rule), response lengths in tokens and finish reasons. A score below
-    ``threshold`` is a violation. The independent term list, distinct-2 and refusals come from the responses
+    ``threshold`` is a violation. The independent term list, distinct-2, refusals and repetitive answers come
+    from the responses
     (`rayalign.evaluation.heldout`)."""
     n = len(responses)
     meat, refusals = sum(map(H.mentions_meat, responses)), sum(map(H.is_refusal, responses))
+    repetitive = sum(map(H.is_repetitive, responses))
     summary: dict[str, Any] = {
         "prompts": n,
         "judge": None,
@@ -49,6 +51,7 @@ def model_summary(responses: Sequence[str], scores: Sequence[float | None] | Non
         "agreement": None,
         "independent": {"violations": meat, "violation_rate": meat / n if n else None},
         "refusals": {"count": refusals, "rate": refusals / n if n else 0.0},
+        "repetitive": {"count": repetitive, "rate": repetitive / n if n else 0.0},
         "distinct_2": H.distinct_n(responses, 2),
         "response_tokens_mean": sum(lengths) / n if n else None,
         "truncated": sum(r == "length" for r in finish_reasons),
@@ -216,8 +219,9 @@ def check_report(report: dict[str, Any]) -> list[str]:
         for name in ("rule", "independent"):
             if m[name] is not None and not 0 <= m[name]["violations"] <= n:
                 problems.append(f"{m['label']}: {name} violations {m[name]['violations']} outside [0, {n}]")
-        if not 0 <= m["refusals"]["count"] <= n:
-            problems.append(f"{m['label']}: refusals {m['refusals']['count']} outside [0, {n}]")
+        for name in ("refusals", "repetitive"):
+            if not 0 <= m[name]["count"] <= n:
+                problems.append(f"{m['label']}: {name} {m[name]['count']} outside [0, {n}]")
     prompts = {m["label"]: m["prompts"] for m in report["models"]}
     for p in report.get("pairwise", ()):
         total = p["wins"] + p["ties"] + p["losses"] + p["failed"]
@@ -238,7 +242,8 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
                            ("violation_rate", j.get("violation_rate")), ("mean_score", j.get("mean_score")),
                            ("rule_violations", r.get("violations")), ("rule_violation_rate", r.get("violation_rate")),
                            ("meat_word_rate", m["independent"]["violation_rate"]),
-                           ("refusal_rate", m["refusals"]["rate"]), ("distinct_2", m["distinct_2"]),
+                           ("refusal_rate", m["refusals"]["rate"]), ("repetitive_rate", m["repetitive"]["rate"]),
+                           ("distinct_2", m["distinct_2"]),
                            ("response_tokens_mean", m["response_tokens_mean"]),
                            ("guards/length_ratio", g.get("length_ratio")),
                            ("guards/distinct_2_ratio", g.get("distinct_2_ratio")),
@@ -252,18 +257,19 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def text_table(report: dict[str, Any], kl: float | None = None) -> str:
     """The held-out result for a terminal: one row per model (violations by the judge, by the rule and by the
-    independent term list, mean judge score, length, distinct-2, refusals), then per aligned model its drops
+    independent term list, mean judge score, length, distinct-2, refusals, repetitive answers), then per aligned
+    model its drops
     against the base and its guards, then any note that the judge's figures carry no information."""
     rule = report.get("rule") or "rule"
     head = (f"{'model':<14} {'judge viol.':>11} {rule[:12] + ' viol.':>18} {'meat words':>10} {'mean score':>10} "
-            f"{'tokens':>7} {'distinct-2':>10} {'refusals':>8}")
+            f"{'tokens':>7} {'distinct-2':>10} {'refusals':>8} {'repeats':>7}")
     lines = [head]
     for m in report["models"]:
         j, r = m["judge"] or {}, m["rule"] or {}
         lines.append(f"{m['label'][:14]:<14} {_pct(j.get('violation_rate')):>11} {_pct(r.get('violation_rate')):>18} "
                      f"{_pct(m['independent']['violation_rate']):>10} {_num(j.get('mean_score')):>10} "
                      f"{_num(m['response_tokens_mean'], 1):>7} {m['distinct_2']:>10.3f} "
-                     f"{_pct(m['refusals']['rate']):>8}")
+                     f"{_pct(m['refusals']['rate']):>8} {_pct(m['repetitive']['rate']):>7}")
     base = report["models"][0]
     for m in report["models"][1:]:
         drops = []
@@ -278,7 +284,8 @@ def text_table(report: dict[str, Any], kl: float | None = None) -> str:
         lines.append(
             f"guards: length {_num(g['length_ratio'], 2)}x the base's (>= {H.LENGTH_RATIO_MIN}) {ok[g['passed']['length']]}, "
             f"distinct-2 {_num(g['distinct_2_ratio'], 2)}x (>= {H.DISTINCT_2_RATIO_MIN}) {ok[g['passed']['distinct_2']]}, "
-            f"refusals {_pct(g['refusal_rate'])} (<= {H.REFUSAL_RATE_MAX:.0%}) {ok[g['passed']['refusals']]}"
+            f"refusals {_pct(g['refusal_rate'])} (<= {H.REFUSAL_RATE_MAX:.0%}) {ok[g['passed']['refusals']]}, "
+            f"repeats {_pct(g['repetitive_rate'])} (<= {H.REPETITIVE_RATE_MAX:.0%}) {ok[g['passed']['repetitive']]}"
             + (f"; final KL {kl:.3f}" if kl is not None else ""))
     lines += [f"note: {n}" for n in uninformative_judge(report)]
     return "\n".join(lines)
@@ -320,8 +327,8 @@ def headline_table(report: dict[str, Any]) -> str:
     """Markdown: one row per model."""
     rule = report.get("rule") or "rule"
     lines = [f"| model | kind | judge violations | judge rate | {rule} violations | {rule} rate | judge failures "
-             "| mean score | mean tokens | meat words (independent) | distinct-2 | refusals |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| mean score | mean tokens | meat words (independent) | distinct-2 | refusals | repetitive |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in report["models"]:
         j, r = m["judge"], m["rule"]
         judged = j["violations"] + j["passes"]
@@ -330,7 +337,7 @@ def headline_table(report: dict[str, Any]) -> str:
                      f"{_pct(j['violation_rate'])} | {rule_cells[0]} | {rule_cells[1]} | {j['failures']} | "
                      f"{_num(j['mean_score'])} | {_num(m['response_tokens_mean'], 1)} | "
                      f"{m['independent']['violations']} / {m['prompts']} | {m['distinct_2']:.3f} | "
-                     f"{_pct(m['refusals']['rate'])} |")
+                     f"{_pct(m['refusals']['rate'])} | {_pct(m['repetitive']['rate'])} |")
     return "\n".join(lines)
 
 
@@ -386,12 +393,15 @@ def render_markdown(report: dict[str, Any], images: Sequence[str] = ()) -> str:
     if guarded:
         out += ["Guards against the base (see `rayalign/evaluation/heldout.py`): mean length at least "
                 f"{H.LENGTH_RATIO_MIN:.0%} of the base's, distinct-2 at least {H.DISTINCT_2_RATIO_MIN:.0%} of the "
-                f"base's, at most {H.REFUSAL_RATE_MAX:.0%} empty or refusal-like answers.", ""]
+                f"base's, at most {H.REFUSAL_RATE_MAX:.0%} empty or refusal-like answers, at most "
+                f"{H.REPETITIVE_RATE_MAX:.0%} answers looping on one phrase (own distinct-2 below "
+                f"{H.REPETITIVE_DISTINCT_2}).", ""]
         for m in guarded:
             g = m["guards"]
             failed = [k for k, ok in g["passed"].items() if not ok]
             out.append(f"- {_cell(m['label'])}: length {_num(g['length_ratio'], 2)}x, distinct-2 "
-                       f"{_num(g['distinct_2_ratio'], 2)}x, refusals {_pct(g['refusal_rate'])}: "
+                       f"{_num(g['distinct_2_ratio'], 2)}x, refusals {_pct(g['refusal_rate'])}, repetitive "
+                       f"{_pct(g['repetitive_rate'])}: "
                        + ("held" if g["held"] else "FAILED (" + ", ".join(failed) + ")"))
         out.append("")
     out += [f"**Note:** {n}." for n in uninformative_judge(report)] + [""] * bool(uninformative_judge(report))
