@@ -9,7 +9,7 @@ An aligned model holds them when, against the base on the same prompts,
 
 - its mean answer length (tokens) is at least ``LENGTH_RATIO_MIN`` of the base's,
 - its distinct-2 (distinct word bigrams over all bigrams of all its answers) is at least ``DISTINCT_2_RATIO_MIN``
-  of the base's, and
+  of the base's,
 - at most ``REFUSAL_RATE_MAX`` of its answers are empty or refusal-like (`is_refusal`), and
 - at most ``REPETITIVE_RATE_MAX`` of its answers loop on one phrase (`is_repetitive`): a policy that collapses on
   a few prompts ("A: A: A: ...") barely moves the distinct-2 of all answers together, so each answer is checked

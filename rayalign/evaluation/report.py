@@ -39,8 +39,7 @@ def model_summary(responses: Sequence[str], scores: Sequence[float | None] | Non
     """One model's numbers from its responses, per-prompt judge scores (None: judging failed; ``scores`` None: no
     judge), rule scores (None: no rule), response lengths in tokens and finish reasons. A score below
     ``threshold`` is a violation. The independent term list, distinct-2, refusals and repetitive answers come
-    from the responses
-    (`rayalign.evaluation.heldout`)."""
+    from the responses (`rayalign.evaluation.heldout`)."""
     n = len(responses)
     meat, refusals = sum(map(H.mentions_meat, responses)), sum(map(H.is_refusal, responses))
     repetitive = sum(map(H.is_repetitive, responses))
