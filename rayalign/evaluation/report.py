@@ -257,8 +257,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
 def text_table(report: dict[str, Any], kl: float | None = None) -> str:
     """The held-out result for a terminal: one row per model (violations by the judge, by the rule and by the
     independent term list, mean judge score, length, distinct-2, refusals, repetitive answers), then per aligned
-    model its drops
-    against the base and its guards, then any note that the judge's figures carry no information."""
+    model its drops against the base and its guards, then any note that the judge's figures carry no information."""
     rule = report.get("rule") or "rule"
     head = (f"{'model':<14} {'judge viol.':>11} {rule[:12] + ' viol.':>18} {'meat words':>10} {'mean score':>10} "
             f"{'tokens':>7} {'distinct-2':>10} {'refusals':>8} {'repeats':>7}")
