@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -40,28 +38,6 @@ log = logging.getLogger("rayalign.dpo")
 
 
 @dataclasses.dataclass(frozen=True)
-class PreferenceDataConfig:
-    train: str = "builtin:vegetarian/pairs"
-    """Pairs (prompt/chosen/rejected) or, for kto, prompt/completion/label: JSONL, Parquet, a saved `datasets`
-    directory or a shipped set builtin:<name>/<split>."""
-    eval: str = ""
-    """A separate eval set in the same form (empty: hold out eval_fraction of train)."""
-    eval_fraction: float = 0.1
-    """Share of train held out for evaluation when eval is empty."""
-    limit: int | None = None
-    """Use at most this many training examples (None: all)."""
-    max_length: int = 512
-    """Examples with a row of more prompt + response tokens are skipped and counted."""
-
-    def validate(self) -> None:
-        if not 0 <= self.eval_fraction < 1:
-            raise C.ConfigError(f"data.eval_fraction: expected a float in [0, 1), got {self.eval_fraction}")
-        C.require_at_least("data.max_length", self.max_length, 8)
-        if self.limit is not None:
-            C.require_at_least("data.limit", self.limit, 1)
-
-
-@dataclasses.dataclass(frozen=True)
 class DPOJobConfig:
     model: C.ModelConfig = C.ModelConfig()
     """The policy to align (and the reference: its starting point)."""
@@ -71,7 +47,7 @@ class DPOJobConfig:
     """Ray Train + DeepSpeed learner (micro_batch_size counts examples: a pair is two sequences)."""
     lora: C.LoraConfig = C.LoraConfig()
     """The adapter (learner.finetune=lora)."""
-    data: PreferenceDataConfig = PreferenceDataConfig()
+    data: C.PreferenceDataConfig = C.PreferenceDataConfig()
     """Which preference data."""
     trainer: C.OfflineTrainerConfig = C.OfflineTrainerConfig()
     """Steps, evaluation, checkpoints, resume, outputs."""
@@ -101,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rayalign.data import preferences as P
     from rayalign.job import INPUT_ERRORS, load_job_inputs, refuse, start_ray
-    from rayalign.learner.checkpoints import mark_complete, resolve_run
+    from rayalign.learner.checkpoints import resolve_run
 
     algo, trainer = cfg.algorithm, cfg.trainer
     try:
@@ -109,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        train, evals = load_split(cfg.data, labelled=not algo.paired, seed=trainer.seed)
+        train, evals = P.load_split(lambda name, limit: P.load_preferences(name, labelled=not algo.paired,
+                                                                          limit=limit), cfg.data, trainer.seed)
         train, train_rows = P.drop_overlong(train, P.tokenize(train.examples, tokenizer), cfg.data.max_length)
         eval_rows = P.tokenize(evals.examples, tokenizer) if evals.examples else []
         if eval_rows:
@@ -124,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from rayalign.evaluation.generation import trained_model_summary
+    from rayalign.learner import offline
     from rayalign.learner.batch import minibatch_plan, pad_rollouts, pair_plan
-    from rayalign.learner.group import Learner
     from rayalign.learner.objectives import objective
-    from rayalign.tracking import Tracker
 
     needs = {"CPU": cfg.learner.num_workers * cfg.learner.num_cpus_per_worker,
              "GPU": cfg.learner.num_workers * cfg.learner.num_gpus_per_worker}
@@ -136,20 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     except C.ConfigError as e:
         return refuse(e, "config error")
 
-    learner = Learner(model_path, learner=cfg.learner, lora=cfg.lora, algorithm=algo, storage_path=storage,
-                      run_name=run_name, seed=trainer.seed, resume_from=resume_from, objective=algo.name)
-    setup = learner.setup()
-    state = setup["driver_state"] or {"step": 0, "mlflow_run_id": None}
-    if resume_from and setup["driver_state"] is None:
-        raise RuntimeError(f"the learner restored no driver state from {resume_from}")
-    tracker = Tracker(cfg.tracking.experiment, run_name=cfg.tracking.run_name or run_name, config=cfg,
-                      run_id=None if fork else state["mlflow_run_id"],
-                      tags={"job": "dpo", "algorithm": algo.name, "ray_address": address, "checkpoints": storage,
-                            **({"resumed_from": resume_from} if fork else {})})
-    state["mlflow_run_id"] = tracker.run_id
-    tracker.log_metrics({"learner/trainable_params": setup["trainable_params"], "data/train_examples":
-                         len(train_rows), "data/eval_examples": len(eval_rows),
-                         **{f"data/skipped/{k}": v for k, v in skipped.items()}}, step=state["step"])
+    run = offline.open_run(cfg, model_path, job="dpo", objective=algo.name, storage=storage, run_name=run_name,
+                           resume_from=resume_from, fork=fork, tags={"ray_address": address},
+                           metrics={"data/train_examples": len(train_rows), "data/eval_examples": len(eval_rows),
+                                    **{f"data/skipped/{k}": v for k, v in skipped.items()}})
+    learner, tracker, state = run.learner, run.tracker, run.state
 
     def length(example: list) -> int:
         return max(len(r.prompt_token_ids) + len(r.response_token_ids) for r in example)
@@ -178,27 +146,19 @@ def main(argv: list[str] | None = None) -> int:
                     at += 1
         return out
 
-    per_epoch = math.ceil(len(train_rows) / algo.minibatch_size)
-    total_steps = trainer.total_steps or per_epoch * algo.epochs
-
-    def step_indices(step: int) -> tuple[int, list[int]]:
-        """(epoch, the examples step ``step`` trains on): the next minibatch of a seeded per-epoch shuffle."""
-        epoch, offset = divmod(step - 1, per_epoch)
-        order = list(range(len(train_rows)))
-        random.Random(trainer.seed * 1_000_003 + epoch).shuffle(order)
-        return epoch, order[offset * algo.minibatch_size:(offset + 1) * algo.minibatch_size]
+    schedule = offline.EpochSchedule(len(train_rows), algo.minibatch_size, trainer.seed)
+    total_steps = trainer.total_steps or schedule.per_epoch * algo.epochs
 
     t0 = time.perf_counter()
     needs_reference = objective(algo.name).needs_reference
     # A fresh run's first step trains a policy that is still the reference (LoRA's B starts at 0, a full finetune
     # as a copy), so that step's own forward gives its rows' reference logprobs: the pass skips them.
-    from_first_step = frozenset(step_indices(1)[1]) if needs_reference and state["step"] == 0 else frozenset()
+    from_first_step = frozenset(schedule.at(1)[1]) if needs_reference and state["step"] == 0 else frozenset()
     train_ref = reference_logps(train_rows, from_first_step) if needs_reference else None
     eval_ref = reference_logps(eval_rows) if needs_reference and eval_rows else None
     tracker.log_metrics({"time/reference_pass": time.perf_counter() - t0,
                          "time/reference_pass_learner": learner_seconds[0],
                          "reference/from_first_step": float(len(from_first_step))}, step=state["step"])
-    last_checkpoint = state["step"] if resume_from and not fork else -1
 
     def plan_fn(rows: list[list], indices: list[int], seed: int):
         """One step's plan over the examples ``indices``; pairs of like length share micro-batches."""
@@ -220,70 +180,39 @@ def main(argv: list[str] | None = None) -> int:
         return batch
 
     def evaluate(step: int) -> dict[str, float]:
-        stats_sum: dict[str, float] = {}
-        count = 0.0
         labels = [e.label for e in evals.examples]
-        for start in range(0, len(eval_rows), algo.minibatch_size):
-            indices = list(range(start, min(start + algo.minibatch_size, len(eval_rows))))
-            batch = step_batch(eval_rows, eval_ref, labels, indices)
-            plan = plan_fn(eval_rows, indices, 0)
-            stats, _ = learner.train(ray.put(batch), plan, 1.0, update=False)
-            for k, v in stats.items():
-                if k not in ("optimizer_steps", "lr", "grad_norm"):
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v * len(indices)
-            count += len(indices)
-        metrics = {f"eval/{k}": v / count for k, v in stats_sum.items()} if count else {}
-        tracker.log_metrics(metrics, step=step)
-        return metrics
+        chunks = (list(range(start, min(start + algo.minibatch_size, len(eval_rows))))
+                  for start in range(0, len(eval_rows), algo.minibatch_size))
+        return offline.evaluate_batches(run, ((step_batch(eval_rows, eval_ref, labels, indices),
+                                               plan_fn(eval_rows, indices, 0), len(indices)) for indices in chunks),
+                                        step)
 
-    def checkpoint(step: int) -> None:
-        nonlocal last_checkpoint
-        state["step"] = step
-        learner.checkpoint(step, dict(state))
-        mark_complete(storage, run_name, step)
-        last_checkpoint = step
+    train_labels = [e.label for e in train.examples]
+
+    def train_step(step: int, indices: list[int]) -> tuple[dict[str, float], float, float]:
+        batch = step_batch(train_rows, train_ref, train_labels, indices)
+        plan = plan_fn(train_rows, indices, trainer.seed * 100_003 + step)
+        own_reference = "ref_logps" not in batch and train_ref is not None  # the first step's rows
+        t_step = time.perf_counter()
+        stats, seen = learner.train(ray.put(batch), plan, 1.0, policy_is_reference=own_reference)
+        seconds = time.perf_counter() - t_step
+        if own_reference:
+            per_example = len(train_rows[indices[0]])
+            for row, value in enumerate(seen["ref_logps"].tolist()):
+                train_ref[indices[row // per_example] * per_example + row % per_example] = value
+        return stats, float(batch["attention_mask"].sum()), seconds
+
+    def describe(stats: dict[str, float]) -> str:
+        return (f"loss {stats.get('loss', float('nan')):.4f} accuracy {stats.get('rewards/accuracy', 0.0):.2f} "
+                f"margin {stats.get('rewards/margin', 0.0):.3f}")
 
     status = "FINISHED"
-    first = last = None
-    eval_metrics: dict[str, float] = {}
-    evaluated_at = -1
     try:
-        labels = [e.label for e in train.examples]
-        for step in range(state["step"] + 1, total_steps + 1):
-            epoch, indices = step_indices(step)
-            batch = step_batch(train_rows, train_ref, labels, indices)
-            plan = plan_fn(train_rows, indices, trainer.seed * 100_003 + step)
-            own_reference = "ref_logps" not in batch and train_ref is not None  # the first step's rows
-            t_step = time.perf_counter()
-            stats, seen = learner.train(ray.put(batch), plan, 1.0, policy_is_reference=own_reference)
-            seconds = time.perf_counter() - t_step
-            if own_reference:
-                per_example = len(train_rows[indices[0]])
-                for row, value in enumerate(seen["ref_logps"].tolist()):
-                    train_ref[indices[row // per_example] * per_example + row % per_example] = value
-            tokens = float(batch["attention_mask"].sum())
-            metrics = {f"train/{k}": v for k, v in stats.items() if k != "tokens"}
-            metrics.update({"time/train": seconds, "tokens_per_second": tokens / seconds, "epoch": float(epoch)})
-            tracker.log_metrics(metrics, step=step)
-            first = first or metrics
-            last = metrics
-            log.info("step %d/%d (epoch %d) loss %.4f accuracy %.2f margin %.3f | %.1f s, %.0f tokens/s", step,
-                     total_steps, epoch + 1, stats.get("loss", float("nan")), stats.get("rewards/accuracy", 0.0),
-                     stats.get("rewards/margin", 0.0), seconds, tokens / seconds)
-            if eval_rows and trainer.eval_every and step % trainer.eval_every == 0:
-                eval_metrics, evaluated_at = evaluate(step), step
-            if trainer.checkpoint_every and step % trainer.checkpoint_every == 0:
-                checkpoint(step)
-        if eval_rows and evaluated_at != total_steps:
-            eval_metrics = evaluate(total_steps)
-        if last_checkpoint < total_steps:
-            checkpoint(total_steps)
-        output = Path(trainer.output_dir).expanduser().resolve() / run_name
-        paths = learner.save(str(output), model_path)
-        for kind, path in paths.items():
-            tracker.log_artifact(path, f"model/{kind}" if Path(path).is_dir() else "model")
-        learner.shutdown()
-        summary = heldout_summary(cfg, model_path, paths, tracker) if cfg.heldout.enabled else None
+        first, last, eval_metrics = offline.train_steps(run, schedule, total_steps, trainer, train_step,
+                                                        evaluate if eval_rows else None, describe)
+        paths = offline.save_model(run, trainer.output_dir, model_path)
+        summary = (trained_model_summary(cfg.model, cfg.engine, cfg.heldout, model_path, paths["merged"], tracker)
+                   if cfg.heldout.enabled else None)
     except BaseException:
         status = "FAILED"
         raise
@@ -301,45 +230,6 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v}" for k, v in paths.items()))
     ray.shutdown()
     return 0
-
-
-def load_split(data: PreferenceDataConfig, labelled: bool, seed: int):
-    """(train, eval) preference sets: ``data.eval`` when given, else a seeded hold-out of ``data.train``."""
-    from rayalign.data import preferences as P
-
-    train = P.load_preferences(data.train, labelled=labelled, limit=data.limit)
-    if data.eval:
-        return train, P.load_preferences(data.eval, labelled=labelled)
-    return P.split_holdout(train, data.eval_fraction, seed)
-
-
-def heldout_summary(cfg: DPOJobConfig, model_path: str, paths: dict[str, str], tracker) -> str:
-    """Greedy answers of the base and the aligned policy to the held-out prompts, summarised side by side by the
-    measures that need no judge (rayalign.evaluation.report; `jobs/ppo.py` ends with the same report)."""
-    import tempfile
-
-    from rayalign.data.prompts import drop_overlong_prompts, load_prompts
-    from rayalign.evaluation import report as R
-    from rayalign.evaluation.generation import generate_all
-    from rayalign.models import ResolvedModel, resolve_model_spec
-
-    from transformers import AutoTokenizer
-
-    held = cfg.heldout
-    prompts = list(drop_overlong_prompts(load_prompts(held.prompts, limit=held.limit),
-                                         AutoTokenizer.from_pretrained(model_path),
-                                         cfg.engine.max_model_len - held.max_new_tokens).prompts)
-    base = ResolvedModel("base", model_path, "base", cfg.model.name)
-    with tempfile.TemporaryDirectory() as downloads:
-        # the merged model on engines of its own: vLLM's CPU LoRA kernels decode several times slower than the base
-        aligned = resolve_model_spec(paths["merged"], Path(downloads), what="aligned")
-        aligned = dataclasses.replace(aligned, label="aligned")
-        rollouts, times = generate_all(base, [aligned], prompts, cfg.model, cfg.engine, held.sampling)
-    report = R.heldout_report(prompts, held, {label: R.answers(rs) for label, rs in rollouts.items()},
-                              judgements=None, threshold=0.5)
-    tracker.log_metrics({f"heldout/{k}": v for k, v in {**R.flat_metrics(report), **times}.items()}, step=0)
-    tracker.log_dict(report, "heldout/report.json")
-    return R.text_table(report) + "\n\n" + R.text_examples(report["samples"])
 
 
 if __name__ == "__main__":

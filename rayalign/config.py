@@ -558,6 +558,92 @@ class PreferenceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreferenceDataConfig:
+    train: str = "builtin:vegetarian/pairs"
+    """Pairs (prompt/chosen/rejected) or, for kto, prompt/completion/label: JSONL, Parquet, a saved `datasets`
+    directory or a shipped set builtin:<name>/<split>."""
+    eval: str = ""
+    """A separate eval set in the same form (empty: hold out eval_fraction of train)."""
+    eval_fraction: float = 0.1
+    """Share of train held out for evaluation when eval is empty."""
+    limit: int | None = None
+    """Use at most this many training examples (None: all)."""
+    max_length: int = 512
+    """Examples with a row of more prompt + response tokens are skipped and counted."""
+
+    def validate(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction: expected a float in [0, 1), got {self.eval_fraction}")
+        require_at_least("data.max_length", self.max_length, 8)
+        if self.limit is not None:
+            require_at_least("data.limit", self.limit, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTDataConfig:
+    train: str = "builtin:vegetarian/pipeline_pairs"
+    """(prompt, response) rows -- TRL's prompt/completion, a `messages` conversation, or a pair whose chosen side is
+    the answer -- as JSONL, Parquet, a saved `datasets` directory or a shipped set builtin:<name>/<split>. The
+    default: the shipped pipeline pairs' chosen answers (judged best, many rewritten against the constitution)."""
+    response_column: str = "chosen"
+    """The column that holds the response (text, or a conversation ending in the assistant's turn); "": the first
+    of completion, response, chosen, messages that the rows hold."""
+    eval: str = ""
+    """A separate eval set in the same form (empty: hold out eval_fraction of train)."""
+    eval_fraction: float = 0.1
+    """Share of train held out for evaluation when eval is empty."""
+    limit: int | None = None
+    """Use at most this many training examples (None: all)."""
+    max_length: int = 512
+    """Examples of more prompt + response tokens are skipped and counted; with packing, also each packed row's
+    capacity."""
+    packing: bool = True
+    """Pack several examples into each row of max_length tokens (attention kept inside each example) instead of
+    padding every example to the longest of its micro-batch."""
+
+    def validate(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction: expected a float in [0, 1), got {self.eval_fraction}")
+        require_at_least("data.max_length", self.max_length, 8)
+        if self.limit is not None:
+            require_at_least("data.limit", self.limit, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    name: Literal["sft"] = "sft"
+    """Supervised fine-tuning: the mean negative log-likelihood of the response tokens (the prompt is context)."""
+    epochs: int = 1
+    """Passes over the training rows."""
+    minibatch_size: int = 4
+    """Rows per optimizer step, over all learner workers: packed rows of up to data.max_length tokens each
+    (data.packing=true), else examples."""
+
+    def validate(self) -> None:
+        require_at_least("algorithm.epochs", self.epochs, 1)
+        require_at_least("algorithm.minibatch_size", self.minibatch_size, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardTrainingConfig:
+    name: Literal["reward_model"] = "reward_model"
+    """A scalar-head sequence classifier trained on pairs with -log sigmoid(r(x, chosen) - r(x, rejected) - m)."""
+    margin_scale: float = 0.0
+    """Llama 2's margin m = margin_scale x (chosen_score - rejected_score), for pairs that carry their judge's
+    scores (0: no margin; pairs without scores take m = 0 and are counted)."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    minibatch_size: int = 8
+    """Pairs per optimizer step, over all learner workers."""
+
+    def validate(self) -> None:
+        require_at_least("algorithm.epochs", self.epochs, 1)
+        require_at_least("algorithm.minibatch_size", self.minibatch_size, 1)
+        if self.margin_scale < 0:
+            raise ConfigError(f"algorithm.margin_scale: expected a float >= 0, got {self.margin_scale}")
+
+
+@dataclasses.dataclass(frozen=True)
 class LearnerConfig:
     finetune: Literal["lora", "full"] = "lora"
     """"lora": train a peft adapter (the reference is the base with the adapter off); "full": every weight (the

@@ -1,4 +1,5 @@
-"""Offline preference losses: DPO (and its conservative form), IPO, KTO and SimPO. Tensors in, tensors out.
+"""Offline preference losses: DPO (and its conservative form), IPO, KTO, SimPO, and the reward model's pairwise
+loss. Tensors in, tensors out.
 
 Inputs are per-sequence log-probabilities of the responses: ``logps`` = the sum over a response's tokens of
 log pi(token | prefix), shape (B,) for B pairs (or B examples for KTO); ``ref_`` the same under the frozen
@@ -74,3 +75,17 @@ def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_
     chosen = beta * chosen_logps / chosen_lengths.clamp(min=1)
     rejected = beta * rejected_logps / rejected_lengths.clamp(min=1)
     return -F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach()
+
+
+def pairwise_reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                         margin: torch.Tensor | None = None) -> torch.Tensor:
+    """A reward model's pairwise loss (InstructGPT, Ouyang et al. 2022): -log sigmoid(r_w - r_l - m), all (B,).
+
+    ``margin`` m (B,) is Llama 2's (Touvron et al. 2023): pairs whose preference is clearer must be separated by
+    more (there, from the rating gap; here, from the judge's score gap). None: m = 0.
+    Returns the per-pair loss (B,).
+    """
+    gap = chosen_rewards - rejected_rewards
+    if margin is not None:
+        gap = gap - margin
+    return -F.logsigmoid(gap)

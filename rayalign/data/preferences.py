@@ -1,5 +1,6 @@
-"""Preference datasets for the offline objectives: pairs (prompt, chosen, rejected) and labelled responses
-(prompt, completion, label) for KTO, read from JSONL, Parquet, a saved `datasets` directory or a shipped set.
+"""Datasets for the offline objectives: pairs (prompt, chosen, rejected), labelled responses (prompt, completion,
+label) for KTO, and (prompt, response) rows for SFT, read from JSONL, Parquet, a saved `datasets` directory or a
+shipped set.
 
 Rows come plain (strings) or conversational, as in TRL: ``prompt`` a list of messages, ``chosen`` / ``rejected``
 / ``completion`` a list ending in the assistant's message (a conversation that holds its own prompt -- every
@@ -31,10 +32,13 @@ class PreferenceExample:
 
     prompt: Messages
     chosen: str
-    """The preferred response (for KTO: the response)."""
+    """The preferred response (for KTO and SFT: the response)."""
     rejected: str | None = None
     label: bool | None = None
     """KTO only: whether the response is desirable."""
+    score_gap: float | None = None
+    """Pairs whose rows carry their judge's scores (``chosen_score``, ``rejected_score``): chosen's minus
+    rejected's (a reward model's margin)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,18 +158,69 @@ def parse_example(row: Any, labelled: bool) -> tuple[PreferenceExample | None, s
         return PreferenceExample(prompt, sides[0], label=bool(row["label"])), None
     if sides[0].strip() == sides[1].strip():
         return None, "identical chosen and rejected"
-    return PreferenceExample(prompt, sides[0], sides[1]), None
+    scores = [row.get("chosen_score"), row.get("rejected_score")]
+    gap = None
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores):
+        gap = float(scores[0]) - float(scores[1])
+    return PreferenceExample(prompt, sides[0], sides[1], score_gap=gap), None
+
+
+SFT_COLUMNS = ("completion", "response", "chosen", "messages")
+"""Where an SFT row's response is looked for, in this order, when the job names no column: TRL's prompt-completion
+rows, (prompt, response) rows, a preference pair's chosen side, or a whole conversation."""
+
+
+def parse_sft_example(row: Any, column: str) -> tuple[PreferenceExample | None, str | None]:
+    """One SFT row -> (example, None) or (None, the reason it is skipped). The response is ``row[column]``: text
+    (the prompt from ``prompt``) or a conversation ending in the assistant's message (the prompt: ``prompt``, or
+    the messages before it)."""
+    if not isinstance(row, dict):
+        return None, "not an object"
+    if column not in row:
+        return None, f"missing column {column}"
+    implicit, response = _response(row[column])
+    if response is None:
+        return None, "response not text or an assistant message"
+    if not response.strip():
+        return None, "empty response"
+    prompt = _prompt(row, implicit)
+    if prompt is None:
+        return None, "missing or empty prompt"
+    return PreferenceExample(prompt, response), None
+
+
+def load_sft(name: str, *, column: str = "", limit: int | None = None) -> PreferenceSet:
+    """Read (prompt, response) rows from ``name`` for SFT, skipping and counting bad rows. ``column``: where the
+    response is ("": the first of `SFT_COLUMNS` that the first row holds; the choice is logged)."""
+    rows, source, unparsable = _read_rows(name)
+    if not column:
+        first = next((r for r in rows if isinstance(r, dict)), {})
+        column = next((c for c in SFT_COLUMNS if c in first), "")
+        if not column:
+            raise DatasetError(f"{name}: no response column (looked for {', '.join(SFT_COLUMNS)}); name one with "
+                               "data.response_column")
+        log.info("%s: responses from column %r", name, column)
+    return _parse_rows(name, rows, source, unparsable, lambda row: parse_sft_example(row, column), limit,
+                       f"(prompt, {column}) rows")
 
 
 def load_preferences(name: str, *, labelled: bool = False, limit: int | None = None) -> PreferenceSet:
     """Read pairs (``labelled=False``) or KTO's labelled responses from ``name``, skipping and counting bad rows."""
     rows, source, unparsable = _read_rows(name)
+    return _parse_rows(name, rows, source, unparsable, lambda row: parse_example(row, labelled), limit,
+                       "labelled responses" if labelled else "preference pairs")
+
+
+def _parse_rows(name: str, rows: list[Any], source: str, unparsable: int, parse: Any, limit: int | None,
+                what: str) -> PreferenceSet:
+    """``parse`` (row -> (example, None) | (None, reason)) over ``rows``: the examples, the rest counted by reason;
+    none left is a DatasetError naming ``what`` was wanted."""
     skipped: collections.Counter[str] = collections.Counter()
     if unparsable:
         skipped["unparsable line"] = unparsable
     examples = []
     for row in rows:
-        example, reason = parse_example(row, labelled)
+        example, reason = parse(row)
         if example is None:
             skipped[reason] += 1
             continue
@@ -176,9 +231,17 @@ def load_preferences(name: str, *, labelled: bool = False, limit: int | None = N
         log.warning("%s: skipped %s", name, ", ".join(f"{n} ({r})" for r, n in sorted(skipped.items())))
     if not examples:
         detail = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "the file is empty"
-        raise DatasetError(f"{name}: no usable {'labelled responses' if labelled else 'preference pairs'} "
-                           f"({detail})")
+        raise DatasetError(f"{name}: no usable {what} ({detail})")
     return PreferenceSet(tuple(examples), source, dict(skipped))
+
+
+def load_split(load: Any, data: Any, seed: int) -> tuple[PreferenceSet, PreferenceSet]:
+    """(train, eval) sets for ``data`` (a `rayalign.config.PreferenceDataConfig`): ``load(name, limit)`` of
+    ``data.eval`` when given, else a seeded hold-out of ``data.eval_fraction`` of ``data.train``."""
+    train = load(data.train, data.limit)
+    if data.eval:
+        return train, load(data.eval, None)
+    return split_holdout(train, data.eval_fraction, seed)
 
 
 def split_holdout(data: PreferenceSet, fraction: float, seed: int) -> tuple[PreferenceSet, PreferenceSet]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
-from rayalign.config import EngineConfig, ModelConfig, SamplingConfig, lora_rank_slot
+from rayalign.config import EngineConfig, HeldOutConfig, ModelConfig, SamplingConfig, lora_rank_slot
 from rayalign.models import ResolvedModel
 from rayalign.types import Rollout
 
@@ -63,3 +63,34 @@ def generate_all(base: ResolvedModel, candidates: Sequence[ResolvedModel], promp
             group.shutdown()
         times[f"time/generate/{c.label}"] = time.perf_counter() - t0
     return rollouts, times
+
+
+def trained_model_summary(model: ModelConfig, engine: EngineConfig, held: HeldOutConfig, model_path: str,
+                          merged_path: str, tracker: Any) -> str:
+    """Greedy answers of the base (``model_path``) and a trained model (the merged HF directory ``merged_path``)
+    to the held-out prompts, summarised side by side by the measures that need no judge
+    (`rayalign.evaluation.report`), logged to ``tracker``; returns the terminal table and examples. The offline
+    jobs end with it (jobs/ppo.py reports on the engines it already runs)."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from rayalign.data.prompts import drop_overlong_prompts, load_prompts
+    from rayalign.evaluation import report as R
+    from rayalign.models import resolve_model_spec
+
+    prompts = list(drop_overlong_prompts(load_prompts(held.prompts, limit=held.limit),
+                                         AutoTokenizer.from_pretrained(model_path),
+                                         engine.max_model_len - held.max_new_tokens).prompts)
+    base = ResolvedModel("base", model_path, "base", model.name)
+    with tempfile.TemporaryDirectory() as downloads:
+        # the merged model on engines of its own: vLLM's CPU LoRA kernels decode several times slower than the base
+        trained = resolve_model_spec(merged_path, Path(downloads), what="aligned")
+        trained = dataclasses.replace(trained, label="aligned")
+        rollouts, times = generate_all(base, [trained], prompts, model, engine, held.sampling)
+    report = R.heldout_report(prompts, held, {label: R.answers(rs) for label, rs in rollouts.items()},
+                              judgements=None, threshold=0.5)
+    tracker.log_metrics({f"heldout/{k}": v for k, v in {**R.flat_metrics(report), **times}.items()}, step=0)
+    tracker.log_dict(report, "heldout/report.json")
+    return R.text_table(report) + "\n\n" + R.text_examples(report["samples"])

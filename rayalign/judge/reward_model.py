@@ -41,6 +41,17 @@ def check_classifier(path: str, config: dict[str, Any] | None = None) -> None:
         raise ConfigError(f"reward model {path} has {labels} labels; expected 1 (a scalar reward) or 2 (bad/good)")
 
 
+def conversation_ids(tokenizer: Any, prompt: Sequence[tuple[str, str]], response: str) -> list[int]:
+    """The tokens a reward model reads for ``response`` to the conversation ``prompt`` ((role, content), ...): the
+    whole chat-templated conversation, or, for a tokenizer without a chat template, the last message and the
+    response as a text pair. jobs/train_reward_model.py trains on exactly these."""
+    if tokenizer.chat_template:
+        messages = [{"role": role, "content": content} for role, content in prompt]
+        return list(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}],
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    return tokenizer(prompt[-1][1], response)["input_ids"]
+
+
 class RewardModelScorer:
     """The actor body: tokenizer + classifier, scoring in batches without gradients."""
 
@@ -61,18 +72,11 @@ class RewardModelScorer:
         self.labels = self.model.config.num_labels
         self.batch_size, self.max_length = batch_size, max_length
 
-    def _ids(self, prompt: str, response: str) -> list[int]:
-        if self.tokenizer.chat_template:
-            return list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                tokenize=True, return_dict=True)["input_ids"])
-        return self.tokenizer(prompt, response)["input_ids"]
-
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[float | None, str]]:
         """(reward, "") per pair, or (None, why) for a pair that cannot be scored."""
         import torch
 
-        ids = [self._ids(p, r) for p, r in zip(prompts, responses, strict=True)]
+        ids = [conversation_ids(self.tokenizer, (("user", p),), r) for p, r in zip(prompts, responses, strict=True)]
         out: list[tuple[float | None, str]] = [(None, "")] * len(ids)
         fits = []
         for i, seq in enumerate(ids):

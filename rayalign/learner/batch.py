@@ -130,7 +130,8 @@ def pair_plan(num_pairs: int, minibatch_size: int, num_workers: int, micro_batch
 
 def trim(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A micro-batch cut to its own longest sequence and response: the (B, L) tensors (``input_ids``,
-    ``attention_mask``) to the longest row's tokens, the (B, T) per-response-token ones to the longest response.
+    ``attention_mask``, packed rows' ``segment_ids``) to the longest row's tokens, the (B, T) per-response-token
+    ones to the last response column any row uses.
     Rows are right-padded, so only padding goes. Forward results of the cut batch are (B, T') with T' <= T."""
     if "attention_mask" not in mb or "response_mask" not in mb:
         return mb
@@ -138,7 +139,9 @@ def trim(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if L == T:
         return mb
     width = min(L, max(2, int(mb["attention_mask"].sum(dim=1).max())))  # a padding-only one keeps 2 columns
-    tokens = max(1, int(mb["response_mask"].sum(dim=1).max()))
+    # up to the last response column in use (packed rows' responses do not start at column 0)
+    used = mb["response_mask"].any(dim=0).nonzero()
+    tokens = int(used[-1]) + 1 if len(used) else 1
     out = {}
     for name, t in mb.items():
         if t.dim() >= 2 and t.shape[1] == L:

@@ -93,14 +93,14 @@ def publish_to_store(model: TrainedModel, rank: int, store: Callable[[], Any], v
 
 
 def save_model(model: TrainedModel, rank: int, output_dir: str, tokenizer_path: str) -> dict[str, str]:
-    """Save the final policy in HF format: the adapter (LoRA) and the merged model with the tokenizer, plus the
-    value head when there is one. Every rank calls this (ZeRO-3 gathers); rank 0 writes and returns the paths."""
+    """Save the final policy in HF format: the adapter (LoRA; not for a classifier, whose head trains outside it)
+    and the merged model with the tokenizer, plus the value head when there is one. Every rank calls this (ZeRO-3 gathers); rank 0 writes and returns the paths."""
     import torch
     from transformers import AutoTokenizer
 
     out = Path(output_dir)
     paths = {}
-    if model.finetune == "lora":
+    if model.finetune == "lora" and model.head != "classifier":  # a classifier's adapter lacks its trained head
         with model.gathered(adapter_params(model)):
             if rank == 0:
                 model.policy.lm.save_pretrained(out / "adapter")

@@ -2,8 +2,11 @@
 and the forward passes that read per-token logprobs (and values) out of them.
 
 The policy is an HF causal LM, with a peft LoRA adapter or fully trainable, plus a scalar value head when the
-objective wants one (head "lm+value"; it shares the backbone). Under LoRA the reference is the same model with the
-adapter switched off; a full finetune keeps a frozen copy, sharded like the policy under ZeRO-3.
+objective wants one (head "lm+value"; it shares the backbone) -- or, for a reward model (head "classifier"), an HF
+sequence classifier with one output, pooled at the last token as HF pools it when the saved model is loaded.
+Under LoRA the reference is the same model with the adapter switched off; a full finetune keeps a frozen copy,
+sharded like the policy under ZeRO-3. Rows packed with several examples (`rayalign.learner.packing`) carry
+``segment_ids`` and ``position_ids``; their attention is kept inside each example.
 """
 
 from __future__ import annotations
@@ -15,38 +18,54 @@ from typing import Any
 from rayalign.config import LearnerConfig, LoraConfig
 
 
-def build_policy(model_path: str, learner: LearnerConfig, lora: LoraConfig, value_head: bool) -> Any:
+def build_policy(model_path: str, learner: LearnerConfig, lora: LoraConfig, head: str = "lm") -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if learner.dtype == "bfloat16" else torch.float32
+    value_head = head == "lm+value"
 
     class Policy(torch.nn.Module):
-        """The LM plus an optional scalar value head on its last hidden state (shared backbone)."""
+        """The LM plus an optional scalar value head on its last hidden state (shared backbone), or a classifier."""
 
         def __init__(self, lm: torch.nn.Module, hidden_size: int):
             super().__init__()
             self.lm = lm
+            self.head = head
             self.value_head = torch.nn.Linear(hidden_size, 1) if value_head else None
             if self.value_head is not None:
                 torch.nn.init.normal_(self.value_head.weight, std=1e-3)
                 torch.nn.init.zeros_(self.value_head.bias)
 
-        def forward(self, input_ids, attention_mask, logits_to_keep=0, pairs=None):
+        def forward(self, input_ids, attention_mask, logits_to_keep=0, pairs=None, position_ids=None):
             """(B, L) -> logits (B, L, V) (the last ``logits_to_keep`` positions only, when > 0),
-            hidden (B, L, H) | None. ``pairs`` = (response_start (B,), response_mask (B, T)) of rows that pair up
-            on shared prompts: -> the response-aligned logits (B, T, V) and the response tokens (B, T), each
-            prompt run once (`rayalign.learner.shared_prompt`)."""
+            hidden (B, L, H) | None; a classifier's scores (B,) and None. ``attention_mask`` may be a 4D additive
+            mask (packed rows, with their ``position_ids``). ``pairs`` = (response_start (B,), response_mask
+            (B, T)) of rows that pair up on shared prompts: -> the response-aligned logits (B, T, V) and the
+            response tokens (B, T), each prompt run once (`rayalign.learner.shared_prompt`)."""
+            if self.head == "classifier":
+                out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                return out.logits[:, 0].float(), None
             if pairs is not None:
                 from rayalign.learner.shared_prompt import paired_response_logits
 
                 return paired_response_logits(self.lm, input_ids, *pairs)
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
-                          output_hidden_states=self.value_head is not None, use_cache=False)
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=logits_to_keep, output_hidden_states=self.value_head is not None,
+                          use_cache=False)
             hidden = out.hidden_states[-1] if self.value_head is not None else None
             return out.logits, hidden
 
-    lm = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
+    if head == "classifier":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        # the head pools the last token that is not padding, as it will when `kind: reward_model` loads it
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        lm = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, torch_dtype=dtype,
+                                                                pad_token_id=pad)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
     # no dropout: the old-policy pass (eval mode) and the training pass (train mode) must see the same function
     for module in lm.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -59,8 +78,13 @@ def build_policy(model_path: str, learner: LearnerConfig, lora: LoraConfig, valu
     if learner.finetune == "lora":
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
+        # a classifier's new head trains in full beside the adapter (peft's SEQ_CLS task would wrap it in a
+        # modules_to_save copy, which the merged export would have to unwrap)
+        task = None if head == "classifier" else "CAUSAL_LM"
         lm = get_peft_model(lm, PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+                                               target_modules=list(lora.target_modules), task_type=task))
+        if head == "classifier":
+            lm.get_base_model().score.requires_grad_(True)
     return Policy(lm, lm.config.hidden_size)
 
 
@@ -74,6 +98,7 @@ class TrainedModel:
     reference: Any
     zero3: bool
     finetune: str
+    head: str = "lm"
 
     @property
     def device(self) -> Any:
@@ -89,7 +114,7 @@ class TrainedModel:
 
 
 def build(model_path: str, learner: LearnerConfig, lora: LoraConfig, minibatch_size: int, world_size: int,
-          value_head: bool, with_reference: bool = True) -> TrainedModel:
+          head: str = "lm", with_reference: bool = True) -> TrainedModel:
     """The policy (and, for a full finetune with ``with_reference``, a frozen reference) inside DeepSpeed, with
     AdamW and a linear warm-up. ``minibatch_size`` sequences per optimizer step over ``world_size`` ranks."""
     import deepspeed
@@ -113,7 +138,7 @@ def build(model_path: str, learner: LearnerConfig, lora: LoraConfig, minibatch_s
         deepspeed.init_distributed()  # on Ray Train's process group; zero.Init checks the batch sizes against it
         # while this object lives, from_pretrained loads each rank's shard only (deepspeed.zero.Init)
         hf_zero3 = HfDeepSpeedConfig(ds_config)
-    policy = build_policy(model_path, learner, lora, value_head=value_head)
+    policy = build_policy(model_path, learner, lora, head=head)
     reference = None
     if learner.finetune == "full" and with_reference:
         from transformers import AutoModelForCausalLM
@@ -138,20 +163,28 @@ def build(model_path: str, learner: LearnerConfig, lora: LoraConfig, minibatch_s
                                            config=ds_config)
     if reference is not None and not zero3:
         reference.to(engine.device)  # beside the policy (on GPU; ZeRO-3's engine placed its own)
-    return TrainedModel(policy, engine, reference, zero3, learner.finetune)
+    return TrainedModel(policy, engine, reference, zero3, learner.finetune, head)
 
 
-def _positions(mb: dict[str, Any], device: Any) -> tuple[Any, Any, Any, int]:
-    """input_ids, attention_mask (B, L) on ``device``, the (B, T) positions of the logits that predict each response
-    token, and the first position whose logits are needed (the LM head then runs on the responses alone)."""
+def _positions(mb: dict[str, Any], device: Any, dtype: Any) -> tuple[Any, dict[str, Any], Any, int]:
+    """input_ids (B, L) on ``device``; the attention arguments: the (B, L) mask, or for packed rows the (B, 1, L, L)
+    block-causal mask in ``dtype`` and the position ids; the (B, T) positions of the logits that predict each
+    response token; and the first position whose logits are needed (the LM head then runs on the responses
+    alone)."""
     from rayalign.learner.batch import logits_from, response_positions
 
     input_ids = mb["input_ids"].to(device)
-    attention_mask = mb["attention_mask"].to(device)
+    if "segment_ids" in mb:
+        from rayalign.learner.packing import attention_bias
+
+        attention = {"attention_mask": attention_bias(mb["segment_ids"].to(device), dtype),
+                     "position_ids": mb["position_ids"].to(device)}
+    else:
+        attention = {"attention_mask": mb["attention_mask"].to(device)}
     positions = response_positions(mb["response_start"].to(device), mb["response_mask"].shape[1],
                                    input_ids.shape[1])
     first = logits_from(positions, mb["response_mask"])
-    return input_ids, attention_mask, positions.clamp(min=first), first  # the clamp moves only padding rows'
+    return input_ids, attention, positions.clamp(min=first), first  # the clamp moves only padding rows'
 
 
 def _paired(model: TrainedModel, mb: dict[str, Any], shared_prompt: bool) -> bool:
@@ -185,8 +218,8 @@ def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float,
         logits, targets = model.engine(mb["input_ids"].to(model.device), None, pairs=pairs)
         logprobs, selected = aligned_logprobs(logits, targets, temperature)
         return logprobs, None, selected
-    input_ids, attention_mask, positions, first = _positions(mb, model.device)
-    logits, hidden = model.engine(input_ids, attention_mask, logits_to_keep=input_ids.shape[1] - first)
+    input_ids, attention, positions, first = _positions(mb, model.device, model.policy.lm.dtype)
+    logits, hidden = model.engine(input_ids, logits_to_keep=input_ids.shape[1] - first, **attention)
     logprobs, selected = token_logprobs(logits, input_ids, positions, temperature, first)
     values = None
     if hidden is not None:
@@ -207,8 +240,20 @@ def reference_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: flo
                                                      mb["response_start"].to(model.device),
                                                      mb["response_mask"].to(model.device))
         return aligned_logprobs(logits, targets, temperature)[0]
-    input_ids, attention_mask, positions, first = _positions(mb, model.device)
+    input_ids, attention, positions, first = _positions(mb, model.device, model.policy.lm.dtype)
     with _reference_lm(model) as lm:
-        logits = lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=input_ids.shape[1] - first,
-                    use_cache=False).logits
+        logits = lm(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first, use_cache=False,
+                    **attention).logits
     return token_logprobs(logits, input_ids, positions, temperature, first)[0]
+
+
+def forward_outputs(model: TrainedModel, mb: dict[str, Any], temperature: float, shared_prompt: bool = False) -> Any:
+    """What the objective's loss reads (`rayalign.learner.objectives.Outputs`), by the model's head: a classifier's
+    scores (B,), or the LM's response logprobs, logits and values (`policy_forward`)."""
+    from rayalign.learner.objectives import Outputs
+
+    if model.head == "classifier":
+        scores, _ = model.engine(mb["input_ids"].to(model.device), mb["attention_mask"].to(model.device))
+        return Outputs(scores=scores)
+    logprobs, values, logits = policy_forward(model, mb, temperature, shared_prompt)
+    return Outputs(logprobs, logits, values)

@@ -19,20 +19,22 @@ import torch
 from rayalign.algorithms.core import masked_mean
 from rayalign.algorithms.kl import kl_estimate
 from rayalign.algorithms.ppo import entropy_from_logits, gspo_loss, policy_loss, truncated_is_weights, value_loss
-from rayalign.algorithms.preference import dpo_loss, ipo_loss, kto_loss, simpo_loss
-from rayalign.config import AlgorithmConfig, PreferenceConfig
+from rayalign.algorithms.preference import dpo_loss, ipo_loss, kto_loss, pairwise_reward_loss, simpo_loss
+from rayalign.config import AlgorithmConfig, PreferenceConfig, RewardTrainingConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Outputs:
     """What the training forward pass gives an objective, for a micro-batch of B rows and T response tokens."""
 
-    logprobs: torch.Tensor
-    """(B, T) the response tokens' logprobs under the policy (with gradients)."""
+    logprobs: torch.Tensor | None = None
+    """(B, T) the response tokens' logprobs under the policy (with gradients); None for a classifier."""
     logits: torch.Tensor | None = None
     """(B, T, V) the temperature-scaled logits that predicted them (float32), for the entropy."""
     values: torch.Tensor | None = None
     """(B, T) the value head's estimates (head "lm+value")."""
+    scores: torch.Tensor | None = None
+    """(B,) a classifier's scalar output per row (head "classifier")."""
 
 
 LossFn = Callable[[Outputs, dict[str, torch.Tensor], Any], tuple[torch.Tensor, float, dict[str, torch.Tensor]]]
@@ -246,6 +248,42 @@ def _preference(name: str, loss: LossFn, paired: bool = True, needs_reference: b
                      settings=PreferenceSettings.from_config)
 
 
+# -- supervised fine-tuning and reward models --------------------------------------------------------------
+
+
+def sft_objective(outputs: Outputs, mb: dict[str, torch.Tensor], settings: Any = None) -> tuple:
+    """The mean negative log-likelihood of the micro-batch's response tokens (prompt tokens are context only;
+    rows may be packed, `rayalign.learner.packing`). The normaliser is its response tokens."""
+    mask = mb["response_mask"]
+    tokens = mask.sum()
+    nll = -(outputs.logprobs * mask).sum() / tokens.clamp(min=1.0)
+    return nll, float(tokens), {"loss": nll.detach()}
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSettings:
+    margin_scale: float
+
+    @classmethod
+    def from_config(cls, algo: RewardTrainingConfig, kl_coef: float = 0.0) -> "RewardSettings":
+        return cls(margin_scale=algo.margin_scale)
+
+
+def reward_model_objective(outputs: Outputs, mb: dict[str, torch.Tensor], settings: RewardSettings) -> tuple:
+    """The pairwise loss on the classifier's scores of pairs in consecutive rows (chosen at 2i, rejected at 2i + 1),
+    with the margin ``settings.margin_scale * mb["score_gap"]`` (on the chosen rows) when the scale is > 0."""
+    scores = outputs.scores
+    real = (mb["response_mask"].sum(dim=1)[0::2] > 0).to(scores.dtype)
+    chosen, rejected = scores[0::2], scores[1::2]
+    margin = settings.margin_scale * mb["score_gap"][0::2].to(scores.dtype) if settings.margin_scale > 0 else None
+    loss = _mean(pairwise_reward_loss(chosen, rejected, margin), real)
+    stats = {"loss": loss.detach(), "rewards/chosen": _mean(chosen.detach(), real),
+             "rewards/rejected": _mean(rejected.detach(), real),
+             "rewards/accuracy": _mean((chosen > rejected).to(scores.dtype), real),
+             "rewards/margin": _mean((chosen - rejected).detach(), real)}
+    return loss, float(real.sum()), stats
+
+
 OBJECTIVES: dict[str, Objective] = {
     "ppo": _policy_gradient("ppo", "lm+value"),  # advantages from GAE over the value head's estimates
     "grpo": _policy_gradient("grpo", "lm"),  # group-normalised advantages, no critic
@@ -258,6 +296,11 @@ OBJECTIVES: dict[str, Objective] = {
     "ipo": _preference("ipo", ipo_objective),
     "simpo": _preference("simpo", simpo_objective, needs_reference=False),
     "kto": _preference("kto", kto_objective, paired=False),
+    "sft": Objective(name="sft", head="lm", rows_per_example=1, needs_reference=False, row_weights=response_tokens,
+                     loss=sft_objective, settings=lambda algo, kl_coef: None),
+    "reward_model": Objective(name="reward_model", head="classifier", rows_per_example=2, needs_reference=False,
+                              row_weights=chosen_rows, loss=reward_model_objective,
+                              settings=RewardSettings.from_config),
 }
 
 

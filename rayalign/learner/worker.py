@@ -33,8 +33,6 @@ class LearnerWorker:
         self.objective = objective(spec.get("objective") or self.algo.name)
         # paired objectives: each pair's prompt runs once in every forward (`rayalign.learner.shared_prompt`)
         self.shared_prompt = self.objective.rows_per_example == 2 and self.learner.shared_prompt
-        if self.objective.head == "classifier":
-            raise NotImplementedError(f"objective {self.objective.name}: the learner builds no classifier head yet")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         if ctx.get_local_rank() == 0:
@@ -46,7 +44,7 @@ class LearnerWorker:
             torch.set_num_threads(threads)
         torch.manual_seed(spec["seed"] + self.rank)
         self.model = build(spec["model_path"], self.learner, spec["lora"], self.algo.minibatch_size, self.world,
-                             value_head=self.objective.head == "lm+value",
+                             head=self.objective.head,
                              with_reference=self.objective.needs_reference)
         self.device = self.model.device
 
@@ -130,8 +128,8 @@ class LearnerWorker:
         import torch
 
         from rayalign.learner.batch import pad_to, select_rows, trim
-        from rayalign.learner.model import policy_forward, reference_logprobs
-        from rayalign.learner.objectives import Outputs, token_share
+        from rayalign.learner.model import forward_outputs, reference_logprobs
+        from rayalign.learner.objectives import token_share
 
         if single_pass and len(plan) != 1:
             raise ValueError(f"single_pass needs a plan of exactly one optimizer step, got {len(plan)}")
@@ -155,7 +153,8 @@ class LearnerWorker:
                     with torch.no_grad():
                         mb["ref_logprobs"] = reference_logprobs(self.model, mb, temperature, self.shared_prompt)
                 with torch.set_grad_enabled(update):
-                    logprobs, values, logits = policy_forward(self.model, mb, temperature, self.shared_prompt)
+                    outputs = forward_outputs(self.model, mb, temperature, self.shared_prompt)
+                logprobs = outputs.logprobs
                 if policy_is_reference:
                     mb["ref_logps"] = (logprobs.detach() * mb["response_mask"]).sum(dim=1)
                     real = [i for i, r in enumerate(micro_rows) if r >= 0]
@@ -170,7 +169,7 @@ class LearnerWorker:
                     if "ref_logprobs" in mb:
                         seen["ref_logprobs"].append(pad_to(mb["ref_logprobs"][real].float().cpu(), tokens))
                 with torch.set_grad_enabled(update):
-                    loss, units, stats = objective.loss(Outputs(logprobs, logits, values), mb, settings)
+                    loss, units, stats = objective.loss(outputs, mb, settings)
                 if update:
                     engine.backward(loss * token_share(units, minibatch_units, accumulation, self.world))
                     engine.step()
