@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
               "steps" + (f"; eval pairwise accuracy {eval_metrics['eval/rewards/accuracy']:.2f} on "
                          f"{len(eval_rows)} held-out pairs" if "eval/rewards/accuracy" in eval_metrics else ""))
     if validation:
+        auc = "n/a (one label only)" if validation.get("auc") is None else f"{validation['auc']:.3f}"
         print(f"as a reward component on {validation['judged']} labelled answers ({cfg.validation.data}): ROC AUC "
-              f"{validation['auc']:.3f}, accuracy {validation['accuracy']:.3f} at score 0.5; "
-              f"report in {validation['out']}")
+              f"{auc}, accuracy {validation['accuracy']:.3f} at score 0.5; report in {validation['out']}")
     print(f"MLflow run {tracker.run_id} at {C.redact_url(tracker.uri)}\ncheckpoints: {storage}/{run_name}\nreward "
           f"model: {paths['merged']}  (a reward component: kind: reward_model, model: {paths['merged']})")
     return 0

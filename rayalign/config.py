@@ -820,14 +820,27 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"{COMMAND_LINE}: override '{item}' is not of the form section.key=value")
-    node = data
+    node: Any = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, _RawSection())
-        if not isinstance(child, dict):
+        if isinstance(node, list):  # an item of a list the file gave (reward.components.0.model=...)
+            child = node[_list_index(node, part, ".".join(parts[:i + 1]))]
+        else:
+            child = node.setdefault(part, _RawSection())
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"{COMMAND_LINE}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
         node = child
-    node[parts[-1]] = _Raw(value)
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], key)] = _Raw(value)
+    else:
+        node[parts[-1]] = _Raw(value)
+
+
+def _list_index(items: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"{COMMAND_LINE}: '{key}': expected an index below {len(items)} into the list the config "
+                          "gives there")
+    return int(part)
 
 
 def _build(cls: type[T], data: Any, prefix: str, source: str, base: Any = None) -> T:

@@ -119,6 +119,7 @@ def test_redaction_hides_secrets_only():
 def _all_config_classes():
     job = load_job("sample.py")
     seen, todo = [], [job.SampleConfig, load_job("ppo.py").PPOJobConfig, load_job("dpo.py").DPOJobConfig,
+                      load_job("sft.py").SFTJobConfig, load_job("train_reward_model.py").RewardModelJobConfig,
                       C.ModelConfig, C.RayConfig, C.TrackingConfig, C.SamplingConfig, C.EngineConfig, C.LoraConfig]
     while todo:
         cls = todo.pop()
@@ -225,6 +226,23 @@ def test_dpo_gpu_profile_and_cross_field_rules():
             C.load_config(job.DPOJobConfig, None, overrides)
 
 
+def test_sft_and_reward_model_gpu_profiles_and_cross_field_rules():
+    sft = load_job("sft.py")
+    gpu = C.load_config(sft.SFTJobConfig, ROOT / "jobs" / "configs" / "sft_gpu.yaml")
+    assert gpu.learner.num_gpus_per_worker == 1 and gpu.data.packing and gpu.data.max_length == 4096
+    rm = load_job("train_reward_model.py")
+    gpu = C.load_config(rm.RewardModelJobConfig, ROOT / "jobs" / "configs" / "reward_model_gpu.yaml")
+    assert gpu.learner.num_workers == 4 and gpu.algorithm.margin_scale == 1.0
+    for cls, overrides, expected in (
+            (sft.SFTJobConfig, ["algorithm.minibatch_size=3", "learner.micro_batch_size=2"],
+             "must be a multiple of learner.micro_batch_size"),
+            (sft.SFTJobConfig, ["data.max_length=4096"], "is over engine.max_model_len (1024)"),
+            (rm.RewardModelJobConfig, ["algorithm.margin_scale=-1"], "algorithm.margin_scale: expected a float >= 0"),
+            (rm.RewardModelJobConfig, ["validation.limit=0"], "validation.limit")):
+        with pytest.raises(C.ConfigError, match=re.escape(expected)):
+            C.load_config(cls, None, overrides)
+
+
 def test_where_the_kl_goes_and_its_estimator_default_per_algorithm():
     job = load_job("ppo.py")
     for overrides, in_loss, estimator in ((["algorithm.name=ppo"], False, "k1"),
@@ -260,3 +278,12 @@ def test_urls_lose_their_credentials_in_logs():
     assert C.redact_url("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
     assert C.redact({"judge": {"url": "http://u:p@h/v1", "api_key_env": "JUDGE_KEY"}, "n": 3}) == {
         "judge": {"url": "http://u:***@h/v1", "api_key_env": "JUDGE_KEY"}, "n": 3}
+
+
+def test_an_override_reaches_an_item_of_a_list_the_file_gives():
+    job = load_job("ppo.py")
+    profile = ROOT / "jobs" / "configs" / "ppo_reward_model.yaml"
+    cfg = C.load_config(job.PPOJobConfig, profile, ["reward.components.0.model=/models/rm"])
+    assert [(c.kind, c.model) for c in cfg.reward.components] == [("reward_model", "/models/rm"), ("rule", "")]
+    with pytest.raises(C.ConfigError, match=re.escape("'reward.components.2': expected an index below 2")):
+        C.load_config(job.PPOJobConfig, profile, ["reward.components.2.model=/models/rm"])

@@ -49,7 +49,10 @@ def test_objectives_are_picked_by_name():
     assert [OBJECTIVES[n].rows_per_example for n in ("dpo", "ipo", "simpo", "kto")] == [2, 2, 2, 1]
     assert not OBJECTIVES["simpo"].needs_reference and OBJECTIVES["dpo"].needs_reference
     assert objective("grpo") is OBJECTIVES["grpo"]
-    with pytest.raises(ValueError, match="unknown objective 'dpo0'.*dpo, dr_grpo, grpo, gspo, ipo, kto, ppo, reinforce_pp, reinforce_pp_baseline, rloo, simpo"):
+    assert (OBJECTIVES["sft"].head, OBJECTIVES["sft"].needs_reference, OBJECTIVES["sft"].rows_per_example) == (
+        "lm", False, 1)
+    assert (OBJECTIVES["reward_model"].head, OBJECTIVES["reward_model"].needs_reference) == ("classifier", False)
+    with pytest.raises(ValueError, match="unknown objective 'dpo0'.*dpo, dr_grpo, grpo, gspo, ipo, kto, ppo, reinforce_pp, reinforce_pp_baseline, reward_model, rloo, sft, simpo"):
         objective("dpo0")
 
 
@@ -184,3 +187,40 @@ def test_trim_cuts_a_micro_batch_to_its_own_padding():
     padding = {k: torch.zeros_like(v) for k, v in mb.items()}
     padding["attention_mask"][:, 0] = 1
     assert trim(padding)["input_ids"].shape == (2, 2) and trim(padding)["response_mask"].shape == (2, 1)
+
+
+def test_sft_objective_is_the_token_mean_nll_of_the_responses():
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]], requires_grad=True)
+    mb = {"response_mask": torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])}
+    loss, tokens, stats = OBJECTIVES["sft"].loss(Outputs(logprobs), mb, None)
+    assert tokens == 3.0 and float(loss) == pytest.approx(2.0) and float(stats["loss"]) == pytest.approx(2.0)
+    loss.backward()
+    assert logprobs.grad.flatten().tolist() == pytest.approx([-1 / 3, -1 / 3, 0.0, -1 / 3, 0.0, 0.0])
+
+
+def test_reward_model_objective_pairs_rows_and_applies_the_margin():
+    from rayalign.algorithms.preference import pairwise_reward_loss
+    from rayalign.config import RewardTrainingConfig
+    from rayalign.learner.objectives import RewardSettings
+
+    scores = torch.tensor([2.0, 1.0, 0.0, 0.5, 0.0, 0.0])  # pairs (2, 1), (0, 0.5) and a padding pair
+    mb = {"response_mask": torch.tensor([[1.0]] * 4 + [[0.0]] * 2),
+          "score_gap": torch.tensor([0.8, 0.8, 0.4, 0.4, 0.0, 0.0])}
+    plain = OBJECTIVES["reward_model"].loss(Outputs(scores=scores), mb, RewardSettings.from_config(
+        RewardTrainingConfig()))
+    expected = pairwise_reward_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5])).mean()
+    assert plain[1] == 2.0 and float(plain[0]) == pytest.approx(float(expected))
+    assert float(plain[2]["rewards/accuracy"]) == 0.5 and float(plain[2]["rewards/margin"]) == pytest.approx(0.25)
+    margin = OBJECTIVES["reward_model"].loss(Outputs(scores=scores), mb, RewardSettings.from_config(
+        RewardTrainingConfig(margin_scale=2.0)))
+    expected = pairwise_reward_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]), torch.tensor([1.6, 0.8]))
+    assert float(margin[0]) == pytest.approx(float(expected.mean()))
+
+
+def test_trim_keeps_packed_responses_that_do_not_start_at_column_zero():
+    from rayalign.learner.batch import trim
+
+    mb = {"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": torch.tensor([[1] * 6 + [0] * 2]),
+          "response_start": torch.tensor([1]), "response_mask": torch.tensor([[0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]])}
+    out = trim(mb)
+    assert out["input_ids"].shape == (1, 6) and out["response_mask"].tolist() == [[0.0, 0.0, 1.0, 0.0, 1.0]]

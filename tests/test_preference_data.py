@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rayalign.data.preferences import drop_overlong, load_preferences, split_holdout, tokenize
+from rayalign.data.preferences import drop_overlong, load_preferences, load_sft, split_holdout, tokenize
 from rayalign.data.prompts import DatasetError
 
 
@@ -76,3 +76,33 @@ def test_tokenize_ends_responses_like_the_policy_and_drops_overlong(model_path, 
     assert tokenizer.decode(chosen.response_token_ids[:-1]) == "Chickpeas."
     kept, kept_rows = drop_overlong(data, rows, max_length=100)
     assert len(kept.examples) == len(kept_rows) == 1 and kept.skipped == {"longer than 100 tokens": 1}
+
+
+def test_sft_rows_by_column_conversations_and_bad_rows_counted(tmp_path, caplog):
+    rows = [{"prompt": "Soup?", "completion": "Lentil soup."},
+            {"prompt": [{"role": "user", "content": "Pasta?"}], "completion": [{"role": "assistant",
+                                                                             "content": "Pesto."}]},
+            {"prompt": "x", "completion": "  "}, {"prompt": "x"}, {"completion": "orphan"}, "{oops"]
+    data = load_sft(_write(tmp_path / "s.jsonl", rows))
+    assert [(e.prompt, e.chosen) for e in data.examples] == [((("user", "Soup?"),), "Lentil soup."),
+                                                             ((("user", "Pasta?"),), "Pesto.")]
+    assert data.skipped == {"empty response": 1, "missing column completion": 1, "missing or empty prompt": 1,
+                            "unparsable line": 1}
+    messages = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tea?"},
+                              {"role": "assistant", "content": "Green tea."}]}]
+    (example,) = load_sft(_write(tmp_path / "m.jsonl", messages)).examples
+    assert example.prompt == (("system", "Be brief."), ("user", "Tea?")) and example.chosen == "Green tea."
+    pairs = load_sft("builtin:vegetarian/pipeline_pairs", column="chosen", limit=3)
+    assert len(pairs.examples) == 3 and all(e.rejected is None for e in pairs.examples)
+    with pytest.raises(DatasetError, match="no response column"):
+        load_sft(_write(tmp_path / "n.jsonl", [{"prompt": "q", "answer": "a"}]))
+    with pytest.raises(DatasetError, match=r"no usable \(prompt, answer\) rows \(1 empty response\)"):
+        load_sft(_write(tmp_path / "e.jsonl", [{"prompt": "q", "answer": ""}]), column="answer")
+
+
+def test_pairs_keep_the_judge_score_gap_when_both_scores_are_numbers(tmp_path):
+    data = load_preferences(_write(tmp_path / "g.jsonl", [
+        {"prompt": "q", "chosen": "a", "rejected": "b", "chosen_score": 0.9, "rejected_score": 0.25},
+        {"prompt": "q", "chosen": "a", "rejected": "c", "chosen_score": 0.9},
+        {"prompt": "q", "chosen": "a", "rejected": "d", "chosen_score": True, "rejected_score": 0}]))
+    assert [e.score_gap for e in data.examples] == [pytest.approx(0.65), None, None]

@@ -1,4 +1,5 @@
-"""DPO, conservative DPO, IPO, KTO and SimPO against values computed by hand, with their gradients' signs."""
+"""DPO, conservative DPO, IPO, KTO, SimPO and the reward model's pairwise loss against values computed by hand,
+with their gradients' signs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rayalign.algorithms.preference import dpo_loss, ipo_loss, kto_loss, simpo_loss
+from rayalign.algorithms.preference import dpo_loss, ipo_loss, kto_loss, pairwise_reward_loss, simpo_loss
 
 
 def _t(*x):
@@ -75,3 +76,14 @@ def test_simpo_by_hand_needs_no_reference():
     assert float(loss) == pytest.approx(math.log(1 + math.exp(-2.5)), abs=1e-12)
     loss.sum().backward()
     assert chosen.grad < 0 < rejected.grad
+
+
+def test_pairwise_reward_loss_by_hand_with_and_without_margin():
+    chosen, rejected = _t(1.0, 0.0), _t(0.5, 1.0)
+    loss = pairwise_reward_loss(chosen, rejected)
+    # gaps 0.5 and -1.0: -log sigmoid(gap)
+    assert loss.tolist() == pytest.approx([-math.log(_sig(0.5)), -math.log(_sig(-1.0))], abs=1e-12)
+    with_margin = pairwise_reward_loss(chosen, rejected, torch.tensor([0.5, 0.0], dtype=torch.float64))
+    assert with_margin.tolist() == pytest.approx([math.log(2.0), -math.log(_sig(-1.0))], abs=1e-12)  # gap 0
+    loss.sum().backward()
+    assert chosen.grad.tolist()[0] < 0 < rejected.grad.tolist()[0]  # descent raises chosen, lowers rejected

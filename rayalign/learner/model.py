@@ -218,6 +218,8 @@ def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float,
         logits, targets = model.engine(mb["input_ids"].to(model.device), None, pairs=pairs)
         logprobs, selected = aligned_logprobs(logits, targets, temperature)
         return logprobs, None, selected
+    if "segment_ids" in mb and model.policy.value_head is None:
+        return _packed_logprobs(model, mb, temperature), None, None
     input_ids, attention, positions, first = _positions(mb, model.device, model.policy.lm.dtype)
     logits, hidden = model.engine(input_ids, logits_to_keep=input_ids.shape[1] - first, **attention)
     logprobs, selected = token_logprobs(logits, input_ids, positions, temperature, first)
@@ -225,6 +227,24 @@ def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float,
     if hidden is not None:
         values = model.policy.value_head(gather_response(hidden, positions)).squeeze(-1).float()
     return logprobs, values, selected
+
+
+def _packed_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: float) -> Any:
+    """Packed rows' response logprobs (B, T), the LM head run only at the positions that predict a response token
+    (a prompt's are context alone): HF's ``logits_to_keep`` as the (K,) positions any row needs, so the (B, K, V)
+    logits and their log-softmax skip the prompts and the padding. Column t is predicted by position t
+    (``response_start`` = 1); the others stay 0. No logits are returned (the entropy is not asked for here)."""
+    import torch
+
+    input_ids, attention, _, _ = _positions(mb, model.device, model.policy.lm.dtype)
+    mask = mb["response_mask"].to(model.device)
+    keep = mask.bool().any(dim=0).nonzero().squeeze(1)
+    if len(keep) == 0:  # a micro-batch of padding rows
+        keep = torch.zeros(1, dtype=torch.long, device=model.device)
+    logits, _ = model.engine(input_ids, logits_to_keep=keep, **attention)
+    targets = input_ids[:, keep + 1]
+    picked = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked.new_zeros(mask.shape).index_copy(1, keep, picked)
 
 
 def reference_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: float,

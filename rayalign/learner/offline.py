@@ -113,14 +113,23 @@ def train_steps(run: OfflineRun, schedule: EpochSchedule, total_steps: int, trai
         log.info("step %d/%d (epoch %d) %s | %.1f s, %.0f tokens/s", step, total_steps, epoch + 1, describe(stats),
                  seconds, tokens / seconds)
         if evaluate and trainer.eval_every and step % trainer.eval_every == 0:
-            eval_metrics, evaluated_at = evaluate(step), step
+            eval_metrics, evaluated_at = _evaluated(evaluate, step), step
         if trainer.checkpoint_every and step % trainer.checkpoint_every == 0:
             run.checkpoint(step)
     if evaluate and evaluated_at != total_steps:
-        eval_metrics = evaluate(total_steps)
+        eval_metrics = _evaluated(evaluate, total_steps)
     if run.last_checkpoint < total_steps:
         run.checkpoint(total_steps)
     return first, last, eval_metrics
+
+
+def _evaluated(evaluate: Callable[[int], dict[str, float]], step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    metrics = evaluate(step)
+    shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in sorted(metrics.items())
+                      if k.endswith(("loss", "accuracy", "margin", "perplexity")))
+    log.info("eval at step %d: %s | %.1f s", step, shown or "nothing to evaluate", time.perf_counter() - t0)
+    return metrics
 
 
 def evaluate_batches(run: OfflineRun, batches: Iterable[tuple[Any, list, float]], step: int) -> dict[str, float]:

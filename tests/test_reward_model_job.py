@@ -1,0 +1,94 @@
+"""jobs/train_reward_model.py end to end on the real SmolLM2: a sequence classifier on the Ray Train + DeepSpeed
+learner, exact resume, pairwise accuracy on held-out pairs, and the saved model loaded as a reward component --
+by the job's own validation and, in the long test, as the reward of jobs/ppo.py (RLAIF distillation)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, run_job
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["data.limit=40", "algorithm.minibatch_size=4", "learner.micro_batch_size=2", "data.max_length=384"]
+
+
+def _runs(cwd, experiment="rayalign-reward-model"):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+
+
+def _history(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def _labelled_sample(path, per_label: int = 12):
+    """The first ``per_label`` good and bad answers of the shipped judge-validation set (it is sorted by category)."""
+    from rayalign.data.prompts import dataset_path
+
+    rows = [json.loads(line) for line in dataset_path("builtin:vegetarian/judge_validation").read_text().splitlines()]
+    picked = [r for r in rows if r["label"] == 1][:per_label] + [r for r in rows if r["label"] == 0][:per_label]
+    path.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return path
+
+
+def test_reward_model_two_steps_resume_exactly_and_load_as_a_reward_component(tmp_path):
+    labelled = _labelled_sample(tmp_path / "labelled.jsonl")
+    first = run_job("train_reward_model.py", *SMALL, "trainer.total_steps=2", "trainer.checkpoint_every=1",
+                    "trainer.eval_every=0", "trainer.run_name=first", "tracking.run_name=first",
+                    f"validation.data={labelled}", cwd=tmp_path, timeout=900)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "reward model: loss" in first.stdout and "as a reward component on 24 labelled answers" in first.stdout
+    client, runs = _runs(tmp_path)
+    run = runs["first"]
+    for key in ("train/loss", "train/rewards/accuracy", "train/rewards/margin", "tokens_per_second"):
+        assert set(_history(client, run.info.run_id, key)) == {1, 2}, key
+    assert set(_history(client, run.info.run_id, "eval/rewards/accuracy")) == {2}
+    metrics = run.data.metrics
+    assert metrics["validation/judged"] == 24 and 0.0 <= metrics["validation/auc"] <= 1.0  # it scored every row
+    assert metrics["data/pairs_without_scores"] == 0  # the pipeline pairs carry the judge's scores
+
+    merged = tmp_path / "outputs" / "first" / "merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+    assert config["pad_token_id"] is not None  # the head pools the last token that is not padding
+    assert not (tmp_path / "outputs" / "first" / "adapter").exists()  # it would lack the trained head
+    from rayalign.judge.reward_model import RewardModelScorer, check_classifier
+
+    check_classifier(str(merged))
+    scorer = RewardModelScorer(str(merged), batch_size=2, max_length=512, use_gpu=False)
+    (alone,), pair = scorer.score(["Soup?"], ["Lentil soup."]), scorer.score(["Soup?", "Tea?"],
+                                                                               ["Lentil soup.", "Green tea."])
+    assert alone[0] == pytest.approx(pair[0][0], abs=1e-4)  # padding in a batch does not move a score
+
+    resumed = run_job("train_reward_model.py", *SMALL, "trainer.total_steps=2", "trainer.eval_every=0",
+                      "trainer.resume_from=checkpoints/first/checkpoint_000001", "trainer.run_name=second",
+                      "tracking.run_name=second", "validation.enabled=false", cwd=tmp_path, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    client, runs = _runs(tmp_path)
+    straight = _history(client, run.info.run_id, "train/loss")
+    again = _history(client, runs["second"].info.run_id, "train/loss")
+    assert set(again) == {2} and again[2] == pytest.approx(straight[2], abs=1e-5)
+
+
+@pytest.mark.long  # two jobs back to back (~5 min); each job's own path runs in CI above and in test_ppo_job
+def test_rlaif_distillation_judge_labelled_pairs_to_reward_model_to_ppo(tmp_path):
+    """The README's recipe on a few rows: the judge-labelled pipeline pairs train a reward model, which then
+    replaces the judge in jobs/ppo.py (jobs/configs/ppo_reward_model.yaml) for one step."""
+    trained = run_job("train_reward_model.py", *SMALL, "trainer.total_steps=2", "trainer.run_name=rm",
+                      "validation.enabled=false", cwd=tmp_path, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    merged = tmp_path / "outputs" / "rm" / "merged"
+    ppo = run_job("ppo.py", "--config", str(ROOT / "jobs" / "configs" / "ppo_reward_model.yaml"),
+                  f"reward.components.0.model={merged}", "trainer.total_steps=1", "trainer.prompts_per_step=4",
+                  "heldout.enabled=false", cwd=tmp_path, timeout=1200)
+    assert ppo.returncode == 0, ppo.stderr[-4000:]
+    client, runs = _runs(tmp_path, "rayalign-ppo")
+    (run,) = runs.values()
+    assert "reward/reward_model/mean" in run.data.metrics and "reward/lexicon/mean" in run.data.metrics
+    assert "reward/judge/mean" not in run.data.metrics  # no LLM judge ran
