@@ -37,19 +37,26 @@ def _labelled_sample(path, per_label: int = 12):
     return path
 
 
-def test_reward_model_two_steps_resume_exactly_and_load_as_a_reward_component(tmp_path):
+LEARNS = ["data.limit=120", "data.eval_fraction=0.25", "algorithm.minibatch_size=8", "learner.micro_batch_size=4",
+          "data.max_length=384", "trainer.total_steps=8"]
+
+
+def test_reward_model_learns_resumes_exactly_and_loads_as_a_reward_component(tmp_path):
+    """8 steps of 8 judge-labelled pairs: the model ranks the 30 held-out pairs' chosen answer first more often
+    than chance; a run from the step-7 checkpoint repeats step 8 exactly; the saved directory is a reward model."""
     labelled = _labelled_sample(tmp_path / "labelled.jsonl")
-    first = run_job("train_reward_model.py", *SMALL, "trainer.total_steps=2", "trainer.checkpoint_every=1",
-                    "trainer.eval_every=0", "trainer.run_name=first", "tracking.run_name=first",
-                    f"validation.data={labelled}", cwd=tmp_path, timeout=900)
+    first = run_job("train_reward_model.py", *LEARNS, "trainer.checkpoint_every=7", "trainer.eval_every=0",
+                    "trainer.run_name=first", "tracking.run_name=first", f"validation.data={labelled}",
+                    cwd=tmp_path, timeout=900)
     assert first.returncode == 0, first.stderr[-4000:]
     assert "reward model: loss" in first.stdout and "as a reward component on 24 labelled answers" in first.stdout
     client, runs = _runs(tmp_path)
     run = runs["first"]
     for key in ("train/loss", "train/rewards/accuracy", "train/rewards/margin", "tokens_per_second"):
-        assert set(_history(client, run.info.run_id, key)) == {1, 2}, key
-    assert set(_history(client, run.info.run_id, "eval/rewards/accuracy")) == {2}
+        assert set(_history(client, run.info.run_id, key)) == set(range(1, 9)), key
     metrics = run.data.metrics
+    assert metrics["data/eval_pairs"] == 30
+    assert _history(client, run.info.run_id, "eval/rewards/accuracy")[8] > 0.5  # 30 pairs never trained on
     assert metrics["validation/judged"] == 24 and 0.0 <= metrics["validation/auc"] <= 1.0  # it scored every row
     assert metrics["data/pairs_without_scores"] == 0  # the pipeline pairs carry the judge's scores
 
@@ -66,14 +73,14 @@ def test_reward_model_two_steps_resume_exactly_and_load_as_a_reward_component(tm
                                                                                ["Lentil soup.", "Green tea."])
     assert alone[0] == pytest.approx(pair[0][0], abs=1e-4)  # padding in a batch does not move a score
 
-    resumed = run_job("train_reward_model.py", *SMALL, "trainer.total_steps=2", "trainer.eval_every=0",
-                      "trainer.resume_from=checkpoints/first/checkpoint_000001", "trainer.run_name=second",
+    resumed = run_job("train_reward_model.py", *LEARNS, "trainer.eval_every=0",
+                      "trainer.resume_from=checkpoints/first/checkpoint_000007", "trainer.run_name=second",
                       "tracking.run_name=second", "validation.enabled=false", cwd=tmp_path, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     client, runs = _runs(tmp_path)
     straight = _history(client, run.info.run_id, "train/loss")
     again = _history(client, runs["second"].info.run_id, "train/loss")
-    assert set(again) == {2} and again[2] == pytest.approx(straight[2], abs=1e-5)
+    assert set(again) == {8} and again[8] == pytest.approx(straight[8], abs=1e-5)
 
 
 @pytest.mark.long  # two jobs back to back (~5 min); each job's own path runs in CI above and in test_ppo_job
