@@ -6,22 +6,25 @@ chosen answers, as conversational prompt/completion rows, so both apply the chat
 completion tokens alone, max length 512, float32, gradient checkpointing off, one epoch.
 
 What differs is how each side lays out the work, each at its defaults: rayalign packs the examples into rows of 512
-tokens (attention kept inside each example by a block-causal mask, positions restarted) and runs the LM head only
-at the positions that predict a response token; TRL pads each micro-batch of --micro examples to its longest and
-computes its loss with its fused, chunked LM head. A second TRL run with `packing=True` (its best-fit-decreasing
-packing, padding-free with position ids) is measured too: on CPU (no flash attention) HF's SDPA attention does not
-see the position ids as boundaries, so there a packed example attends to the examples before it in its row -- faster,
-but not the same maths; the figure is there to show where the time goes, not as a like-for-like baseline.
+tokens (positions restarted, attention run on each example alone: `rayalign.learner.packing.segment_attention`)
+and runs the LM head only at the positions that predict a response token; TRL pads each micro-batch of --micro
+examples to its longest and computes its loss with its fused, chunked LM head. With --trl-packed, a TRL run with
+`packing=True` (its best-fit-decreasing packing, padding-free with position ids) is measured too, once, after the
+repeats; on CPU (no flash attention) HF's SDPA attention may not see the position ids as boundaries, so it is
+there to show where the time goes, not as a like-for-like baseline.
 
 Timing: rayalign = every step's `learner.train` call (MLflow `time/train`); TRL = every step, on_step_begin ..
 on_step_end (a TrainerCallback). Model loading, tokenization and the final save are left out on both sides. Tokens
 are the examples' prompt + completion tokens (no padding) as each side tokenized them; the counts are printed and
-must agree within 2 %. Each side runs in its own subprocess with the machine to itself, rayalign first.
+must agree within 2 %. Each side runs in its own subprocess with the machine to itself. These 2-core machines are
+shared and their speed drifts by several times within minutes, so the two sides alternate, --repeats times
+(rayalign, TRL, rayalign, TRL, ...), and the ratio is the median of the repeats' ratios, their spread printed.
 Last stdout line: one JSON object with the figures and
-  ratios.tokens_per_s_vs_trl          rayalign / TRL default (target >= 1.3)
-  ratios.tokens_per_s_vs_trl_packed   rayalign / TRL packing=True (attention crosses examples on CPU; see above)
+  ratios.tokens_per_s_vs_trl          median over repeats of rayalign / TRL default tokens/s (target >= 1.3)
+  ratios.tokens_per_s_vs_trl_packed   rayalign (median) / TRL packing=True (with --trl-packed; see above)
 
-    python benchmarks/sft_vs_trl.py [--examples 96] [--rows 4] [--micro 4] [--accumulation 2] [--no-packed]
+    python benchmarks/sft_vs_trl.py [--examples 64] [--repeats 3] [--rows 4] [--micro 4] [--accumulation 2]
+                                    [--trl-packed]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -157,11 +161,12 @@ def bench_trl(args, data: Path, workdir: Path, packed: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--examples", type=int, default=96, help="rows in the epoch")
+    parser.add_argument("--examples", type=int, default=64, help="rows in the epoch")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rayalign/TRL pairs; the median ratio")
     parser.add_argument("--rows", type=int, default=4, help="rayalign: packed rows (of 512 tokens) per step")
     parser.add_argument("--micro", type=int, default=4, help="TRL: examples per forward")
     parser.add_argument("--accumulation", type=int, default=2, help="TRL: micro-batches per optimizer step")
-    parser.add_argument("--no-packed", action="store_true", help="skip the second TRL run (packing=True)")
+    parser.add_argument("--trl-packed", action="store_true", help="also one TRL run with packing=True")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a jobs/sft.py override for rayalign's side, e.g. data.packing=false (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, MLflow store)")
@@ -173,49 +178,60 @@ def main() -> None:
     if args.trl_worker:
         trl_worker(args, Path(args.data), Path(args.trl_worker))
         return
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
 
     import trl
 
     workdir = Path(tempfile.mkdtemp(prefix="sft_vs_trl-"))
     load = {"start": os.getloadavg()[0]}  # 1-minute load average: other work on the machine skews both sides
-    results: dict[str, dict] = {}
+    repeats: list[dict[str, dict]] = []
+    packed = None
     try:
         data = workdir / "rows.jsonl"
         write_rows(args.examples, data)
-        results["rayalign"] = bench_rayalign(args, data, workdir)
-        load["after_rayalign"] = os.getloadavg()[0]
-        results["trl"] = bench_trl(args, data, workdir, packed=False)
-        load["after_trl"] = os.getloadavg()[0]
-        if not args.no_packed:
-            results["trl_packed"] = bench_trl(args, data, workdir, packed=True)
-            load["after_trl_packed"] = os.getloadavg()[0]
+        for r in range(args.repeats):
+            run_dir = workdir / f"repeat{r}"
+            run_dir.mkdir()
+            repeats.append({"rayalign": bench_rayalign(args, data, run_dir)})
+            repeats[-1]["trl"] = bench_trl(args, data, run_dir, packed=False)
+            load[f"after_repeat{r}"] = os.getloadavg()[0]
+        if args.trl_packed:
+            packed = bench_trl(args, data, workdir, packed=True)
     finally:
         if args.keep:
             print(f"kept {workdir}", flush=True)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    ours = results["rayalign"]
-    for name, r in results.items():
-        r["tokens_per_second"] = r["tokens"] / r["seconds"]
-        print(f"{name}: {r['tokens']} tokens in {r['seconds']:.1f} s over {len(r['steps_seconds'])} steps = "
-              f"{r['tokens_per_second']:.0f} tokens/s", flush=True)
-        if abs(r["tokens"] - ours["tokens"]) > 0.02 * ours["tokens"]:
-            raise SystemExit(f"{name} tokenized {r['tokens']} tokens, rayalign {ours['tokens']}: not the same work")
-    ratios = {"tokens_per_s_vs_trl": ours["tokens_per_second"] / results["trl"]["tokens_per_second"]}
-    if "trl_packed" in results:
-        ratios["tokens_per_s_vs_trl_packed"] = ours["tokens_per_second"] / results["trl_packed"]["tokens_per_second"]
-    print("rayalign / TRL tokens/s: %.3f (target >= 1.3)" % ratios["tokens_per_s_vs_trl"], flush=True)
+    for r, pair in enumerate(repeats):
+        for name, res in [*pair.items(), *([("trl_packed", packed)] if packed and r == 0 else [])]:
+            res["tokens_per_second"] = res["tokens"] / res["seconds"]
+            print(f"repeat {r} {name}: {res['tokens']} tokens in {res['seconds']:.1f} s over "
+                  f"{len(res['steps_seconds'])} steps = {res['tokens_per_second']:.0f} tokens/s", flush=True)
+            ours = pair["rayalign"]["tokens"]
+            if abs(res["tokens"] - ours) > 0.02 * ours:
+                raise SystemExit(f"{name} tokenized {res['tokens']} tokens, rayalign {ours}: not the same work")
+    per_repeat = [p["rayalign"]["tokens_per_second"] / p["trl"]["tokens_per_second"] for p in repeats]
+    ours_median = statistics.median(p["rayalign"]["tokens_per_second"] for p in repeats)
+    ratios = {"tokens_per_s_vs_trl": statistics.median(per_repeat)}
+    if packed:
+        ratios["tokens_per_s_vs_trl_packed"] = ours_median / packed["tokens_per_second"]
+    print("rayalign / TRL tokens/s: median %.3f over %d repeats (each: %s; target >= 1.3)"
+          % (ratios["tokens_per_s_vs_trl"], len(per_repeat), ", ".join(f"{x:.3f}" for x in per_repeat)), flush=True)
     r3 = lambda x: round(x, 3) if isinstance(x, float) else x  # noqa: E731
+    shown = lambda res: {k: ([r3(x) for x in v] if isinstance(v, list) else r3(v)) for k, v in res.items()}  # noqa: E731
     print(json.dumps({
         "benchmark": "sft_vs_trl",
         "config": {"model": args.model, "rayalign_overrides": args.override, "examples": args.examples,
-                   "rayalign_rows_per_step": args.rows, "trl_micro_batch": args.micro,
+                   "repeats": args.repeats, "rayalign_rows_per_step": args.rows, "trl_micro_batch": args.micro,
                    "trl_accumulation": args.accumulation, "max_length": MAX_LENGTH, "lora_rank": LORA_RANK,
                    "lora_alpha": LORA_ALPHA, "lr": LR, "dtype": "float32", "trl_version": trl.__version__,
                    "cpu_count": os.cpu_count(), "load_average_1m": {k: round(v, 2) for k, v in load.items()}},
-        **{name: {k: ([r3(x) for x in v] if isinstance(v, list) else r3(v)) for k, v in r.items()}
-           for name, r in results.items()},
+        "repeats": [{name: shown(res) for name, res in pair.items()} for pair in repeats],
+        **({"trl_packed": shown(packed)} if packed else {}),
+        "tokens_per_s_vs_trl_per_repeat": [round(x, 3) for x in per_repeat],
+        "tokens_per_s_vs_trl_spread": [round(min(per_repeat), 3), round(max(per_repeat), 3)],
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
     }))
 

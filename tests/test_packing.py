@@ -1,5 +1,6 @@
 """Packed rows (rayalign.learner.packing) on the real SmolLM2 in float32: the SFT loss of packed rows equals the
-loss of the same examples padded one per row, and no token sees another example's tokens."""
+loss of the same examples padded one per row, no token sees another example's tokens, and the per-segment attention
+the learner runs gives the block-causal mask's logits and gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 import pytest
 import torch
 
-from rayalign.learner.packing import attention_bias, pack, packed_batch
+from rayalign.learner.packing import SEGMENT_ATTENTION, attention_bias, pack, packed_batch, segment_spans
 from rayalign.types import Rollout
 
 
@@ -39,6 +40,8 @@ def test_packed_batch_layout_marks_each_response_and_restarts_positions():
     bias = attention_bias(batch["segment_ids"], torch.float32)[0, 0]
     allowed = bias == 0
     assert allowed[6, 5] and allowed[6, 6] and not allowed[6, 4] and not allowed[2, 3]
+    assert segment_spans(torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]])) == [
+        [(0, 2), (2, 5), (5, 6)], [(0, 6)]]
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +96,31 @@ def test_no_token_attends_across_a_pack_boundary(smollm):
     start = len(first.prompt_token_ids) + len(first.response_token_ids)  # the second example's first token
     assert not torch.equal(a[0, :start - 1], b[0, :start - 1])  # the first example did change
     assert torch.equal(a[0, start:], b[0, start:])  # the second one's predictions did not move
+
+
+def test_segment_attention_gives_the_masks_logits_and_gradients(smollm):
+    """The learner's LM runs `segment_attention`; on the same packed rows (padding included) it must give what the
+    4D block-causal mask gives, forward and backward."""
+    lm = smollm.policy.lm
+    assert lm.config._attn_implementation == SEGMENT_ATTENTION
+    examples = _examples(7, seed=5)
+    lengths = [len(e.prompt_token_ids) + len(e.response_token_ids) for e in examples]
+    rows = packed_batch(examples, pack(lengths, capacity=40))
+    assert rows["segment_ids"].shape[0] >= 2 and (rows["segment_ids"] == 0).any()  # rows of unlike fill
+
+    real = rows["segment_ids"] > 0
+
+    def run(**attention):
+        lm.zero_grad()
+        logits = lm(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False,
+                    **attention).logits
+        (logits.logsumexp(-1) * real).sum().backward()  # padding tokens see other keys under the mask: left out
+        grads = torch.cat([p.grad.flatten() for p in lm.parameters() if p.grad is not None])
+        lm.zero_grad()
+        return logits.detach()[real], grads
+
+    masked, masked_grad = run(attention_mask=attention_bias(rows["segment_ids"], torch.float32))
+    spanned, spanned_grad = run(attention_mask=torch.ones_like(rows["input_ids"]),
+                                segment_spans=segment_spans(rows["segment_ids"]))
+    assert (masked - spanned).abs().max().item() < 1e-4
+    assert ((masked_grad - spanned_grad).norm() / masked_grad.norm()).item() < 1e-5

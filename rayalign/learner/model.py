@@ -6,7 +6,9 @@ objective wants one (head "lm+value"; it shares the backbone) -- or, for a rewar
 sequence classifier with one output, pooled at the last token as HF pools it when the saved model is loaded.
 Under LoRA the reference is the same model with the adapter switched off; a full finetune keeps a frozen copy,
 sharded like the policy under ZeRO-3. Rows packed with several examples (`rayalign.learner.packing`) carry
-``segment_ids`` and ``position_ids``; their attention is kept inside each example.
+``segment_ids`` and ``position_ids``; their attention is kept inside each example: by running attention on each
+example alone (`rayalign.learner.packing.segment_attention`, the LM's attention implementation), or by a 4D
+block-causal mask where a model was loaded without it.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ def build_policy(model_path: str, learner: LearnerConfig, lora: LoraConfig, head
                 torch.nn.init.normal_(self.value_head.weight, std=1e-3)
                 torch.nn.init.zeros_(self.value_head.bias)
 
-        def forward(self, input_ids, attention_mask, logits_to_keep=0, pairs=None, position_ids=None):
+        def forward(self, input_ids, attention_mask, logits_to_keep=0, pairs=None, position_ids=None,
+                    segment_spans=None):
             """(B, L) -> logits (B, L, V) (the last ``logits_to_keep`` positions only, when > 0),
             hidden (B, L, H) | None; a classifier's scores (B,) and None. ``attention_mask`` may be a 4D additive
-            mask (packed rows, with their ``position_ids``). ``pairs`` = (response_start (B,), response_mask
+            mask (packed rows, with their ``position_ids``), or packed rows' ``segment_spans`` with a mask of ones
+            (`rayalign.learner.packing.segment_attention`). ``pairs`` = (response_start (B,), response_mask
             (B, T)) of rows that pair up on shared prompts: -> the response-aligned logits (B, T, V) and the
             response tokens (B, T), each prompt run once (`rayalign.learner.shared_prompt`)."""
             if self.head == "classifier":
@@ -50,9 +54,10 @@ def build_policy(model_path: str, learner: LearnerConfig, lora: LoraConfig, head
                 from rayalign.learner.shared_prompt import paired_response_logits
 
                 return paired_response_logits(self.lm, input_ids, *pairs)
+            spans = {} if segment_spans is None else {"segment_spans": segment_spans}
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           logits_to_keep=logits_to_keep, output_hidden_states=self.value_head is not None,
-                          use_cache=False)
+                          use_cache=False, **spans)
             hidden = out.hidden_states[-1] if self.value_head is not None else None
             return out.logits, hidden
 
@@ -65,7 +70,10 @@ def build_policy(model_path: str, learner: LearnerConfig, lora: LoraConfig, head
         lm = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, torch_dtype=dtype,
                                                                 pad_token_id=pad)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
+        from rayalign.learner.packing import register_segment_attention
+
+        lm = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype,
+                                                  attn_implementation=register_segment_attention())
     # no dropout: the old-policy pass (eval mode) and the training pass (train mode) must see the same function
     for module in lm.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -143,7 +151,10 @@ def build(model_path: str, learner: LearnerConfig, lora: LoraConfig, minibatch_s
     if learner.finetune == "full" and with_reference:
         from transformers import AutoModelForCausalLM
 
-        reference = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=policy.lm.dtype)
+        from rayalign.learner.packing import register_segment_attention
+
+        reference = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=policy.lm.dtype,
+                                                         attn_implementation=register_segment_attention())
         reference.requires_grad_(False)
         if zero3:
             # sharded like the policy (loaded under HfDeepSpeedConfig); an engine without an optimizer gathers
@@ -166,19 +177,23 @@ def build(model_path: str, learner: LearnerConfig, lora: LoraConfig, minibatch_s
     return TrainedModel(policy, engine, reference, zero3, learner.finetune, head)
 
 
-def _positions(mb: dict[str, Any], device: Any, dtype: Any) -> tuple[Any, dict[str, Any], Any, int]:
-    """input_ids (B, L) on ``device``; the attention arguments: the (B, L) mask, or for packed rows the (B, 1, L, L)
-    block-causal mask in ``dtype`` and the position ids; the (B, T) positions of the logits that predict each
-    response token; and the first position whose logits are needed (the LM head then runs on the responses
+def _positions(mb: dict[str, Any], device: Any, lm: Any) -> tuple[Any, dict[str, Any], Any, int]:
+    """input_ids (B, L) on ``device``; the attention arguments for the HF model ``lm``: the (B, L) mask, or for
+    packed rows the position ids and, if ``lm`` runs `segment_attention`, each row's segment spans (the mask all
+    ones), else the (B, 1, L, L) block-causal mask in its dtype; the (B, T) positions of the logits that predict
+    each response token; and the first position whose logits are needed (the LM head then runs on the responses
     alone)."""
     from rayalign.learner.batch import logits_from, response_positions
 
     input_ids = mb["input_ids"].to(device)
     if "segment_ids" in mb:
-        from rayalign.learner.packing import attention_bias
+        from rayalign.learner.packing import SEGMENT_ATTENTION, attention_bias, segment_spans
 
-        attention = {"attention_mask": attention_bias(mb["segment_ids"].to(device), dtype),
-                     "position_ids": mb["position_ids"].to(device)}
+        attention = {"position_ids": mb["position_ids"].to(device)}
+        if getattr(lm.config, "_attn_implementation", None) == SEGMENT_ATTENTION:
+            attention.update(attention_mask=input_ids.new_ones(input_ids.shape), segment_spans=segment_spans(mb["segment_ids"]))
+        else:
+            attention["attention_mask"] = attention_bias(mb["segment_ids"].to(device), lm.dtype)
     else:
         attention = {"attention_mask": mb["attention_mask"].to(device)}
     positions = response_positions(mb["response_start"].to(device), mb["response_mask"].shape[1],
@@ -220,7 +235,7 @@ def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float,
         return logprobs, None, selected
     if "segment_ids" in mb and model.policy.value_head is None:
         return _packed_logprobs(model, mb, temperature), None, None
-    input_ids, attention, positions, first = _positions(mb, model.device, model.policy.lm.dtype)
+    input_ids, attention, positions, first = _positions(mb, model.device, model.policy.lm)
     logits, hidden = model.engine(input_ids, logits_to_keep=input_ids.shape[1] - first, **attention)
     logprobs, selected = token_logprobs(logits, input_ids, positions, temperature, first)
     values = None
@@ -236,7 +251,7 @@ def _packed_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: float
     (``response_start`` = 1); the others stay 0. No logits are returned (the entropy is not asked for here)."""
     import torch
 
-    input_ids, attention, _, _ = _positions(mb, model.device, model.policy.lm.dtype)
+    input_ids, attention, _, _ = _positions(mb, model.device, model.policy.lm)
     mask = mb["response_mask"].to(model.device)
     keep = mask.bool().any(dim=0).nonzero().squeeze(1)
     if len(keep) == 0:  # a micro-batch of padding rows
@@ -260,7 +275,7 @@ def reference_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: flo
                                                      mb["response_start"].to(model.device),
                                                      mb["response_mask"].to(model.device))
         return aligned_logprobs(logits, targets, temperature)[0]
-    input_ids, attention, positions, first = _positions(mb, model.device, model.policy.lm.dtype)
+    input_ids, attention, positions, first = _positions(mb, model.device, model.policy.lm)
     with _reference_lm(model) as lm:
         logits = lm(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first, use_cache=False,
                     **attention).logits

@@ -6,6 +6,13 @@ attention is block-causal: a token attends to the tokens before it in its own se
 attention takes it as a 4D additive mask). The layout is the learner's usual one with every row's response
 starting at token 1: ``response_start`` = 1 and ``response_mask`` (B, L - 1) marks the tokens whose prediction
 counts (the responses'), so the logprobs and losses need nothing new.
+
+Two ways to keep the attention inside a segment, the same maths: `attention_bias`, a (B, 1, L, L) additive mask any
+HF model takes, which still computes every query against every key of the row; and `segment_attention`, an HF
+attention implementation (registered as ``rayalign_packed``, `register_segment_attention`) that runs causal SDPA
+on each segment alone from the row's `segment_spans`, so a row of k examples costs the sum of their squared lengths,
+not the row's. On SmolLM2, four examples in a 512-token row: forward + backward 15% faster than the mask (CPU,
+float32, 2026-12-02). Without ``segment_spans`` it is HF's own SDPA, so the padded paths are unchanged.
 """
 
 from __future__ import annotations
@@ -78,3 +85,52 @@ def attention_bias(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     allowed = (same & causal) | torch.eye(L, dtype=torch.bool, device=segment_ids.device)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+SEGMENT_ATTENTION = "rayalign_packed"
+"""The HF ``attn_implementation`` name under which `segment_attention` is registered."""
+
+
+def segment_spans(segment_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(B, L) segment ids -> for each row, the [start, end) spans of its runs of equal ids, covering the row (the
+    padding at the end is a span of its own)."""
+    spans = []
+    for row in segment_ids.tolist():
+        cuts = [i for i in range(1, len(row)) if row[i] != row[i - 1]]
+        spans.append(list(zip([0, *cuts], [*cuts, len(row)])))
+    return spans
+
+
+def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      segment_spans: list[list[tuple[int, int]]] | None = None, **kwargs):
+    """An HF attention function: query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D), None. With
+    ``segment_spans`` (a forward's keyword, passed down by HF to every layer), causal attention within each span
+    alone; without, HF's SDPA with ``attention_mask``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if segment_spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise ValueError("segment attention has no dropout (the learner sets it to 0)")
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for b, spans in enumerate(segment_spans):
+        rows.append(torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], is_causal=True,
+                scale=scaling, enable_gqa=gqa)
+            for s, e in spans], dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def register_segment_attention() -> str:
+    """Register `segment_attention` (and SDPA's mask builder, for the calls without spans) with HF under
+    `SEGMENT_ATTENTION`; returns the name, for ``from_pretrained(attn_implementation=...)``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
+    return SEGMENT_ATTENTION
