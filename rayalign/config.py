@@ -276,6 +276,9 @@ class RewardComponent:
     """kind=reward_model: CPUs Ray reserves for the reward model's actor."""
     num_gpus: float = 0.0
     """kind=reward_model: GPUs for the reward model's actor (0: CPU)."""
+    torch_threads: int | None = None
+    """kind=reward_model on CPU: torch threads of the actor (None: every core of its node, since a step's phases
+    take turns; Ray would give it one thread per reserved CPU). Set it where the node is shared with busy actors."""
     timeout_s: float = 600.0
     """kind=reward_model: seconds one scoring call may take before the reward model counts as unavailable."""
 
@@ -287,6 +290,8 @@ class RewardComponent:
                 raise ConfigError(f"reward component '{self.name}': kind=reward_model needs model=<HF dir or id>")
             require_at_least(f"reward component '{self.name}' batch_size", self.batch_size, 1)
             require_at_least(f"reward component '{self.name}' max_length", self.max_length, 8)
+            if self.torch_threads is not None:
+                require_at_least(f"reward component '{self.name}' torch_threads", self.torch_threads, 1)
             if self.num_cpus < 0 or self.num_gpus < 0 or self.timeout_s <= 0:
                 raise ConfigError(f"reward component '{self.name}': num_cpus and num_gpus must be >= 0 and "
                                   f"timeout_s > 0")

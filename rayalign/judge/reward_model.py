@@ -55,9 +55,14 @@ def conversation_ids(tokenizer: Any, prompt: Sequence[tuple[str, str]], response
 class RewardModelScorer:
     """The actor body: tokenizer + classifier, scoring in batches without gradients."""
 
-    def __init__(self, path: str, batch_size: int, max_length: int, use_gpu: bool):
+    def __init__(self, path: str, batch_size: int, max_length: int, use_gpu: bool, threads: int | None = None):
+        import os
+
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        if not use_gpu:  # Ray's OMP_NUM_THREADS is the actor's reserved CPUs (1); scoring has the cores to itself
+            torch.set_num_threads(threads or os.cpu_count() or 1)
 
         check_classifier(path, AutoConfig.from_pretrained(path).to_dict())  # hub ids are first seen here
         self.device = "cuda" if use_gpu else "cpu"
@@ -117,7 +122,7 @@ class RewardModelReward:
             self.actor = ray.remote(RewardModelScorer).options(
                 num_cpus=c.num_cpus, num_gpus=c.num_gpus, max_restarts=1, max_task_retries=1,
                 runtime_env={"env_vars": worker_env()},
-            ).remote(self.path, c.batch_size, c.max_length, c.num_gpus > 0)
+            ).remote(self.path, c.batch_size, c.max_length, c.num_gpus > 0, c.torch_threads)
         try:
             scored = ray.get(self.actor.score.remote(list(prompts), list(responses)), timeout=c.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
