@@ -204,14 +204,18 @@ def main() -> None:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    def summarise(label: str, res: dict, ours: int) -> None:
+        res["tokens_per_second"] = res["tokens"] / res["seconds"]
+        print(f"{label}: {res['tokens']} tokens in {res['seconds']:.1f} s over {len(res['steps_seconds'])} steps = "
+              f"{res['tokens_per_second']:.0f} tokens/s", flush=True)
+        if abs(res["tokens"] - ours) > 0.02 * ours:
+            raise SystemExit(f"{label} tokenized {res['tokens']} tokens, rayalign {ours}: not the same work")
+
     for r, pair in enumerate(repeats):
-        for name, res in [*pair.items(), *([("trl_packed", packed)] if packed and r == 0 else [])]:
-            res["tokens_per_second"] = res["tokens"] / res["seconds"]
-            print(f"repeat {r} {name}: {res['tokens']} tokens in {res['seconds']:.1f} s over "
-                  f"{len(res['steps_seconds'])} steps = {res['tokens_per_second']:.0f} tokens/s", flush=True)
-            ours = pair["rayalign"]["tokens"]
-            if abs(res["tokens"] - ours) > 0.02 * ours:
-                raise SystemExit(f"{name} tokenized {res['tokens']} tokens, rayalign {ours}: not the same work")
+        for name, res in pair.items():
+            summarise(f"repeat {r} {name}", res, pair["rayalign"]["tokens"])
+    if packed:
+        summarise("trl_packed", packed, repeats[0]["rayalign"]["tokens"])
     per_repeat = [p["rayalign"]["tokens_per_second"] / p["trl"]["tokens_per_second"] for p in repeats]
     ours_median = statistics.median(p["rayalign"]["tokens_per_second"] for p in repeats)
     ratios = {"tokens_per_s_vs_trl": statistics.median(per_repeat)}

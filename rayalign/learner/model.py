@@ -20,9 +20,19 @@ from typing import Any
 from rayalign.config import LearnerConfig, LoraConfig
 
 
+def causal_lm(model_path: str, dtype: Any) -> Any:
+    """The HF causal LM the learner trains or keeps as the reference, loaded with `segment_attention` as its
+    attention implementation (packed rows are read with spans; every other call is HF's SDPA)."""
+    from transformers import AutoModelForCausalLM
+
+    from rayalign.learner.packing import register_segment_attention
+
+    return AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype,
+                                                attn_implementation=register_segment_attention())
+
+
 def build_policy(model_path: str, learner: LearnerConfig, lora: LoraConfig, head: str = "lm") -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if learner.dtype == "bfloat16" else torch.float32
     value_head = head == "lm+value"
@@ -70,10 +80,7 @@ def build_policy(model_path: str, learner: LearnerConfig, lora: LoraConfig, head
         lm = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, torch_dtype=dtype,
                                                                 pad_token_id=pad)
     else:
-        from rayalign.learner.packing import register_segment_attention
-
-        lm = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype,
-                                                  attn_implementation=register_segment_attention())
+        lm = causal_lm(model_path, dtype)
     # no dropout: the old-policy pass (eval mode) and the training pass (train mode) must see the same function
     for module in lm.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -149,12 +156,7 @@ def build(model_path: str, learner: LearnerConfig, lora: LoraConfig, minibatch_s
     policy = build_policy(model_path, learner, lora, head=head)
     reference = None
     if learner.finetune == "full" and with_reference:
-        from transformers import AutoModelForCausalLM
-
-        from rayalign.learner.packing import register_segment_attention
-
-        reference = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=policy.lm.dtype,
-                                                         attn_implementation=register_segment_attention())
+        reference = causal_lm(model_path, policy.lm.dtype)
         reference.requires_grad_(False)
         if zero3:
             # sharded like the policy (loaded under HfDeepSpeedConfig); an engine without an optimizer gathers
@@ -191,7 +193,8 @@ def _positions(mb: dict[str, Any], device: Any, lm: Any) -> tuple[Any, dict[str,
 
         attention = {"position_ids": mb["position_ids"].to(device)}
         if getattr(lm.config, "_attn_implementation", None) == SEGMENT_ATTENTION:
-            attention.update(attention_mask=input_ids.new_ones(input_ids.shape), segment_spans=segment_spans(mb["segment_ids"]))
+            attention.update(attention_mask=input_ids.new_ones(input_ids.shape),
+                             segment_spans=segment_spans(mb["segment_ids"]))
         else:
             attention["attention_mask"] = attention_bias(mb["segment_ids"].to(device), lm.dtype)
     else:
