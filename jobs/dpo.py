@@ -61,6 +61,12 @@ class DPOJobConfig:
     tracking: C.TrackingConfig = C.TrackingConfig(experiment="rayalign-dpo")
     """Where results go."""
 
+    def phases(self) -> list:
+        """What runs at once (`rayalign.placement`)."""
+        from rayalign import placement as P
+
+        return P.offline_phases(self.learner, self.engine if self.heldout.enabled else None)
+
     def validate(self) -> None:
         per_step = self.learner.micro_batch_size * self.learner.num_workers
         if self.algorithm.minibatch_size % per_step:
@@ -106,10 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.learner.batch import minibatch_plan, pad_rollouts, pair_plan
     from rayalign.learner.objectives import objective
 
-    needs = {"CPU": cfg.learner.num_workers * cfg.learner.num_cpus_per_worker,
-             "GPU": cfg.learner.num_workers * cfg.learner.num_gpus_per_worker}
     try:
-        address = start_ray(cfg.ray, needs)
+        address = start_ray(cfg.ray, cfg.phases())
     except C.ConfigError as e:
         return refuse(e, "config error")
 

@@ -83,6 +83,12 @@ class EvalConfig:
     tracking: C.TrackingConfig = C.TrackingConfig(experiment="rayalign-eval")
     """Where results go."""
 
+    def phases(self) -> list:
+        """What runs at once (`rayalign.placement`): generation, then judging (the engines are shut down first)."""
+        from rayalign import placement as P
+
+        return [P.Phase("generation", tuple(P.engines(self.engine))), P.Phase("judging", tuple(P.judge(self.judge)))]
+
     def validate(self) -> None:
         if self.sampling.n != 1:
             raise C.ConfigError(f"sampling.n: evaluation takes one answer per prompt, got {self.sampling.n}")
@@ -149,11 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.judge.reward import build_judge
     from rayalign.tracking import Tracker
 
-    replicas = cfg.judge.max_replicas if cfg.judge.backend == "vllm" else 0
-    try:  # generation and judging take turns: the larger of the two must fit
-        address = start_ray(cfg.ray, {
-            "CPU": max(cfg.engine.num_engines * cfg.engine.num_cpus, replicas * cfg.judge.engine.num_cpus),
-            "GPU": max(cfg.engine.num_engines * cfg.engine.num_gpus, replicas * cfg.judge.engine.num_gpus)})
+    try:  # generation and judging take turns: each must fit on its own
+        address = start_ray(cfg.ray, cfg.phases())
     except C.ConfigError as e:
         return refuse(e, "config error")
     out = Path(cfg.out or f"eval/{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()

@@ -123,6 +123,16 @@ class GeneratePreferencesConfig:
     tracking: C.TrackingConfig = C.TrackingConfig(experiment="rayalign-generate-preferences")
     """Where metrics go."""
 
+    def phases(self) -> list:
+        """What runs at once (`rayalign.placement`): the generation stages' engines (a rewrite round runs a
+        critique and a rewrite stage beside the answers), the reward's actors and up to 16 light Ray Data tasks."""
+        from rayalign import placement as P
+        from rayalign.data.pipelines import LIGHT_STAGE_CPUS
+
+        stages = 2 if self.rewrite.rounds else 1
+        engines = P.engines(dataclasses.replace(self.engine, num_engines=stages * self.engine.num_engines))
+        return [P.Phase("pipeline", (*engines, *P.reward(self.reward), *P.cpu_tasks("light stage", 16, LIGHT_STAGE_CPUS)))]
+
 
 ANSWER_FIELDS = (("prompt_id", "int64"), ("prompt", "string"), ("source", "string"), ("round", "int64"),
                  ("response", "string"), ("tokens", "int64"), ("score", "float64"), ("reward", "float64"),
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.data.prompts import plan_input_shards, read_input_shard
     from rayalign.job import INPUT_ERRORS, refuse, start_ray
     from rayalign.judge.critique import constitution_path, critique_messages, load_constitution, rewrite_messages
-    from rayalign.judge.reward import build_reward, resource_needs
+    from rayalign.judge.reward import build_reward
     from rayalign.judge.rubric import load_rubric, rubric_path
     from rayalign.models import resolve_base
 
@@ -191,8 +201,6 @@ def main(argv: list[str] | None = None) -> int:
                                                              "rewrite": dataclasses.asdict(cfg.rewrite)}})
     final_fp = {**rounds_fp[-1], "rounds": cfg.rewrite.rounds, "min_margin": cfg.pairs.min_margin,
                 "threshold": threshold}
-    needs = resource_needs(cfg.reward)
-    engines_at_once = 2 if cfg.rewrite.rounds else 1  # a rewrite round runs a critique and a rewrite stage
     try:
         stages = [ShardedOutput(root / "candidates", rounds_fp[0], {"answers": schema(ANSWER_FIELDS)},
                                 overwrite=cfg.output.overwrite)]
@@ -200,10 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                                  overwrite=cfg.output.overwrite) for r in range(1, cfg.rewrite.rounds + 1)]
         final = ShardedOutput(root, final_fp, {"pairs": schema(PAIR_FIELDS), "kto": schema(KTO_FIELDS)},
                               overwrite=cfg.output.overwrite)
-        address = start_ray(cfg.ray, {
-            "CPU": engines_at_once * cfg.engine.num_engines * cfg.engine.num_cpus + needs["CPU"]
-            + 16 * LIGHT_STAGE_CPUS,
-            "GPU": engines_at_once * cfg.engine.num_engines * cfg.engine.num_gpus + needs["GPU"]})
+        address = start_ray(cfg.ray, cfg.phases())
     except C.ConfigError as e:
         return refuse(e, "config error")
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # shards finish in order

@@ -89,6 +89,14 @@ class GeneratePromptsConfig:
     tracking: C.TrackingConfig = C.TrackingConfig(experiment="rayalign-generate-prompts")
     """Where metrics go."""
 
+    def phases(self) -> list:
+        """What runs at once (`rayalign.placement`): the engine stage and up to 8 light Ray Data tasks."""
+        from rayalign import placement as P
+
+        from rayalign.data.pipelines import LIGHT_STAGE_CPUS
+
+        return [P.Phase("pipeline", (*P.engines(self.engine), *P.cpu_tasks("light stage", 8, LIGHT_STAGE_CPUS)))]
+
 
 SCHEMA_FIELDS = (("prompt", "string"), ("topic", "string"), ("split", "string"), ("request", "int64"))
 
@@ -128,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in SCHEMA_FIELDS])
     try:
         out = ShardedOutput(cfg.output.dir, fingerprint, {"prompts": schema}, overwrite=cfg.output.overwrite)
-        address = start_ray(cfg.ray, {"CPU": cfg.engine.num_engines * cfg.engine.num_cpus + 8 * LIGHT_STAGE_CPUS,
-                                      "GPU": cfg.engine.num_engines * cfg.engine.num_gpus})
+        address = start_ray(cfg.ray, cfg.phases())
     except C.ConfigError as e:
         return refuse(e, "config error")
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # shards finish in order

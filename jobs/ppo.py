@@ -105,6 +105,12 @@ class PPOJobConfig:
             raise C.ConfigError("lora.dropout: the PPO ratio compares passes over the same weights, which dropout "
                                 "would make differ; expected 0")
 
+    def phases(self) -> list:
+        """What runs at once (`rayalign.placement`): engines, the reward's actors and the learner, all step long."""
+        from rayalign import placement as P
+
+        return [P.Phase("training", (*P.engines(self.engine), *P.reward(self.reward), *P.learner(self.learner)))]
+
 
 @contextmanager
 def timed(times: dict[str, float], phase: str):
@@ -137,8 +143,8 @@ Only rayalign's own lines reach the terminal; vLLM, Ray, DeepSpeed and MLflow wr
 def train(cfg: PPOJobConfig, run: tuple, console) -> int:
     """The job, once its run directory is known and its console is set up."""
     from rayalign.data.prompts import prompt_indices
-    from rayalign.job import INPUT_ERRORS, engine_needs, load_job_inputs, prompt_token_budget, refuse, start_ray
-    from rayalign.judge.reward import build_reward, resource_needs
+    from rayalign.job import INPUT_ERRORS, load_job_inputs, prompt_token_budget, refuse, start_ray
+    from rayalign.judge.reward import build_reward
     from rayalign.learner.checkpoints import mark_complete
 
     storage, run_name, resume_from, fork = run
@@ -170,11 +176,8 @@ def train(cfg: PPOJobConfig, run: tuple, console) -> int:
     if algo.aggregation == "seq_sum_norm" and not algo.norm_tokens:  # Dr. GRPO's constant: the length budget
         algo = dataclasses.replace(algo, norm_tokens=cfg.sampling.max_new_tokens)
     sync_plan = SyncPlan.for_learner(cfg.learner)  # what the learner sends the engines after each update, and how
-    learner_needs = {"CPU": cfg.learner.num_workers * cfg.learner.num_cpus_per_worker,
-                     "GPU": cfg.learner.num_workers * cfg.learner.num_gpus_per_worker}
-    needs = {k: engine_needs(cfg.engine)[k] + resource_needs(cfg.reward)[k] + learner_needs[k] for k in learner_needs}
     try:
-        address = start_ray(cfg.ray, needs)
+        address = start_ray(cfg.ray, cfg.phases())
     except C.ConfigError as e:
         return refuse(e, "config error")
     console.watch_ray()

@@ -39,12 +39,18 @@ class SampleConfig:
     tracking: C.TrackingConfig = C.TrackingConfig(experiment="rayalign-sample")
     """Where results go."""
 
+    def phases(self) -> list:
+        """What runs at once (`rayalign.placement`)."""
+        from rayalign import placement as P
+
+        return [P.Phase("sampling", tuple(P.engines(self.engine)))]
+
 
 def main(argv: list[str] | None = None) -> int:
     cfg = C.parse_job_config(SampleConfig, argv, description=__doc__ or "")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from rayalign.job import INPUT_ERRORS, engine_needs, load_job_inputs, prompt_token_budget, refuse, start_ray
+    from rayalign.job import INPUT_ERRORS, load_job_inputs, prompt_token_budget, refuse, start_ray
 
     try:
         inputs = load_job_inputs(cfg.model.name, cfg.data, prompt_token_budget(cfg.engine, cfg.sampling))
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.tracking import Tracker
 
     try:
-        address = start_ray(cfg.ray, engine_needs(cfg.engine))
+        address = start_ray(cfg.ray, cfg.phases())
     except C.ConfigError as e:
         return refuse(e, "config error")
     prompts = inputs.prompts

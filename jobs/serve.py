@@ -79,6 +79,12 @@ class ServeJobConfig:
     ray: C.RayConfig = C.RayConfig(dashboard=False)
     """Which Ray."""
 
+    def phases(self) -> list:
+        """What runs at once (`rayalign.placement`)."""
+        from rayalign import placement as P
+
+        return [P.Phase("serving", tuple(P.engines(self.engine)))]
+
 
 @dataclasses.dataclass(frozen=True)
 class Served:
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.parse_job_config(ServeJobConfig, argv, description=__doc__ or "")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from rayalign.job import INPUT_ERRORS, engine_needs, refuse, start_ray
+    from rayalign.job import INPUT_ERRORS, refuse, start_ray
 
     local_ray = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     download_dir = Path(tempfile.mkdtemp(prefix="rayalign-serve-"))
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         except INPUT_ERRORS as e:
             return refuse(e)
         try:
-            start_ray(cfg.ray, engine_needs(cfg.engine))
+            start_ray(cfg.ray, cfg.phases())
         except C.ConfigError as e:
             return refuse(e, "config error")
         serve(cfg, served)

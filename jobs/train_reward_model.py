@@ -73,6 +73,12 @@ class RewardModelJobConfig:
     tracking: C.TrackingConfig = C.TrackingConfig(experiment="rayalign-reward-model")
     """Where results go."""
 
+    def phases(self) -> list:
+        """What runs at once (`rayalign.placement`)."""
+        from rayalign import placement as P
+
+        return P.offline_phases(self.learner, None)
+
     def validate(self) -> None:
         per_step = self.learner.micro_batch_size * self.learner.num_workers
         if self.algorithm.minibatch_size % per_step:
@@ -116,10 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.learner import offline
     from rayalign.learner.batch import pad_rollouts, pair_plan
 
-    needs = {"CPU": cfg.learner.num_workers * cfg.learner.num_cpus_per_worker,
-             "GPU": cfg.learner.num_workers * cfg.learner.num_gpus_per_worker}
     try:
-        address = start_ray(cfg.ray, needs)
+        address = start_ray(cfg.ray, cfg.phases())
     except C.ConfigError as e:
         return refuse(e, "config error")
 

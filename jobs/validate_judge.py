@@ -47,6 +47,12 @@ class ValidateConfig:
     tracking: C.TrackingConfig = C.TrackingConfig(experiment="rayalign-validate-judge")
     """Where results go."""
 
+    def phases(self) -> list:
+        """What runs at once (`rayalign.placement`)."""
+        from rayalign import placement as P
+
+        return [P.Phase("judging", tuple(P.reward(self.reward)))]
+
 
 def read_rows(name: str, limit: int | None) -> tuple[list[dict], int]:
     from rayalign.data.prompts import DatasetError, dataset_path
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return refuse(e, "config error")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from rayalign.judge.reward import build_reward, resource_needs, uses_ray
+    from rayalign.judge.reward import build_reward, uses_ray
     from rayalign.judge.rubric import load_rubric, rubric_path
 
     try:
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if uses_ray(cfg.reward):  # the Serve judge and reward-model actors
         try:
-            start_ray(cfg.ray, resource_needs(cfg.reward))
+            start_ray(cfg.ray, cfg.phases())
         except C.ConfigError as e:
             return refuse(e, "config error")
     out = Path(cfg.out) / time.strftime("%Y%m%d-%H%M%S")

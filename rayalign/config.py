@@ -70,6 +70,13 @@ class RayConfig:
     """Ray namespace for the job's named actors."""
     dashboard: bool = True
     """Start the Ray dashboard (on 127.0.0.1) with a local Ray; Ray Train's controller monitoring uses its state API."""
+    resource_wait_s: float = 600.0
+    """On a cluster with an autoscaler, how long the job waits for it to add the nodes its actors need before it
+    stops with one line naming what is missing (a cluster without one, or a local Ray, is refused at once)."""
+
+    def validate(self) -> None:
+        if self.resource_wait_s < 0:
+            raise ConfigError(f"ray.resource_wait_s: expected a float >= 0, got {self.resource_wait_s}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +136,9 @@ class EngineConfig:
     """Ray GPUs reserved for each engine actor (0 on CPU; tensor_parallel_size on GPU)."""
     accelerator_type: str = ""
     """Ray accelerator type the engines must run on (e.g. "H100", "A10G"); "" takes any node that fits."""
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Custom Ray resources each engine actor reserves, to pin engines to the nodes that offer them (e.g.
+    {"rollout": 1} with `ray start --resources='{"rollout": 4}'` or a KubeRay group's `resources`)."""
     enforce_eager: bool = True
     """Skip torch.compile and CUDA graphs: much faster engine start, somewhat slower decode (README, "Configs")."""
     cpu_threads_bind: str = "split"
@@ -153,6 +163,16 @@ class EngineConfig:
             )
         require_at_least("engine.max_model_len", self.max_model_len, 16)
         require_at_least("engine.cpu_kvcache_gib", self.cpu_kvcache_gib, 1)
+        check_resources_field("engine.resources", self.resources)
+
+
+def check_resources_field(key: str, resources: dict[str, float]) -> None:
+    """Custom Ray resources: names other than Ray's own (CPU, GPU, memory: set by their own keys), amounts >= 0."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ConfigError(f"{key}.{name}: set {name} with its own key (num_cpus / num_gpus), not as a custom resource")
+        if amount < 0:
+            raise ConfigError(f"{key}.{name}: expected an amount >= 0, got {amount}")
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -669,6 +689,11 @@ class LearnerConfig:
     """CPUs Ray reserves per worker."""
     num_gpus_per_worker: float = 0.0
     """GPUs per worker (0: CPU training, DeepSpeed's CPU accelerator over gloo)."""
+    accelerator_type: str = ""
+    """Ray accelerator type the workers must run on (e.g. "H100"); "" takes any node that fits."""
+    resources_per_worker: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Custom Ray resources each worker reserves, to pin the learner to the nodes that offer them (e.g.
+    {"learner": 1})."""
     torch_threads: int | None = None
     """Intra-op threads per CPU worker (null: the node's cores divided by the workers; Ray would give 1)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -704,6 +729,7 @@ class LearnerConfig:
             raise ConfigError(f"learner.lr: expected a float > 0, got {self.lr}")
         if self.num_gpus_per_worker == 0 and self.dtype != "float32":
             raise ConfigError("learner.dtype: CPU training (num_gpus_per_worker=0) supports float32 only")
+        check_resources_field("learner.resources_per_worker", self.resources_per_worker)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1099,27 +1125,52 @@ def parse_job_config(cls: type[T], argv: typing.Sequence[str] | None = None, *, 
         sys.exit(0)
     path = default_config
     overrides = []
+    check_cluster = None
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg == "--config":
+        if arg in ("--config", "--check-cluster"):
             if i + 1 >= len(args):
-                _exit_config_error(ConfigError(f"{COMMAND_LINE}: --config needs a file path"))
-            path = args[i + 1]
+                _exit_config_error(ConfigError(f"{COMMAND_LINE}: {arg} needs a file path"))
+            if arg == "--config":
+                path = args[i + 1]
+            else:
+                check_cluster = args[i + 1]
             i += 2
             continue
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1]
+        elif arg.startswith("--check-cluster="):
+            check_cluster = arg.split("=", 1)[1]
         elif arg.startswith("-"):
-            _exit_config_error(ConfigError(f"{COMMAND_LINE}: unknown option '{arg}' (expected --config FILE or key=value)"))
+            _exit_config_error(ConfigError(f"{COMMAND_LINE}: unknown option '{arg}' (expected --config FILE, "
+                                           "--check-cluster MANIFEST or key=value)"))
         else:
             overrides.append(arg)
         i += 1
     try:
-        return load_config(cls, path, overrides)
+        config = load_config(cls, path, overrides)
     except ConfigError as e:
         _exit_config_error(e)
-    raise AssertionError("unreachable")
+    if check_cluster is not None:
+        _check_cluster(config, check_cluster)
+    return config
+
+
+def _check_cluster(config: Any, manifest: str) -> typing.NoReturn:
+    """``--check-cluster MANIFEST``: print whether the KubeRay cluster of ``manifest`` can ever hold the job's
+    actors (`rayalign.placement`) and exit, 0 when it can, 2 with one line naming what is missing."""
+    from rayalign import placement
+
+    phases = getattr(config, "phases", None)
+    if not callable(phases):
+        _exit_config_error(ConfigError(f"{COMMAND_LINE}: --check-cluster: this job starts no actors to place"))
+    try:
+        print("\n".join(placement.check_phases(phases(), placement.manifest_groups(manifest), f"{manifest}")))
+    except ConfigError as e:
+        print(f"cluster check: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0)
 
 
 def _exit_config_error(error: ConfigError) -> typing.NoReturn:

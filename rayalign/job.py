@@ -6,7 +6,7 @@ start-up in ``try: ... except INPUT_ERRORS as e: return refuse(e)``. A local Ray
 (they would wait for it forever) is a config error, printed like a bad command line: ``refuse(e, "config error")``.
 
     inputs = load_job_inputs(cfg.model.name, cfg.data, prompt_token_budget(cfg.engine, cfg.sampling))
-    address = start_ray(cfg.ray, engine_needs(cfg.engine))
+    address = start_ray(cfg.ray, cfg.phases())
 
 Light to import: transformers and Ray are imported inside the functions that use them.
 """
@@ -14,12 +14,13 @@ Light to import: transformers and Ray are imported inside the functions that use
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Sequence
 
 from rayalign.config import ConfigError, DataConfig, EngineConfig, RayConfig, SamplingConfig
 from rayalign.data.prompts import DatasetError, PromptSet, drop_overlong_prompts, load_prompts
 from rayalign.judge.rubric import RubricError
 from rayalign.models import ModelNotFoundError, ModelSpecError, resolve_base
+from rayalign.placement import Phase
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, ModelNotFoundError, ModelSpecError,
                                              RubricError)
@@ -60,21 +61,18 @@ def load_job_inputs(model_name: str, data: DataConfig | None, max_prompt_tokens:
     return JobInputs(model_path, prompts)
 
 
-def engine_needs(engine: EngineConfig) -> dict[str, float]:
-    """What ``engine.num_engines`` vLLM engine actors reserve, in `start_ray`'s form."""
-    return {"CPU": engine.num_engines * engine.num_cpus, "GPU": engine.num_engines * engine.num_gpus}
-
-
-def start_ray(config: RayConfig, needs: Mapping[str, float] | None = None) -> str:
-    """Join or start Ray (`rayalign.resources.init_ray`) and return its address. ``needs`` ({"CPU": n, "GPU": m}):
-    the most the job's actors reserve at once; on a local Ray that cannot hold them Ray is shut down again and
-    ConfigError raised, since the actors would wait for resources forever."""
-    from rayalign.resources import check_resources, init_ray
+def start_ray(config: RayConfig, phases: Sequence[Phase] = ()) -> str:
+    """Join or start Ray (`rayalign.resources.init_ray`) and return its address, once it can hold each of the
+    job's ``phases`` (`rayalign.placement`): a local Ray or a fixed-size cluster that cannot is refused at once, an
+    autoscaling one after ``config.resource_wait_s``; either way Ray is shut down again and ConfigError raised with
+    one line naming what is missing, since the actors would otherwise wait for resources forever."""
+    from rayalign.placement import check_live
+    from rayalign.resources import init_ray
 
     address = init_ray(config)
-    if needs:
+    if phases:
         try:
-            check_resources(dict(needs), address)
+            check_live(phases, wait_s=config.resource_wait_s, local=address == "local")
         except ConfigError:
             import ray
 

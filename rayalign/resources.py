@@ -101,6 +101,8 @@ def judge_replica_options(judge: JudgeConfig) -> dict[str, Any]:
     """``ray_actor_options`` of each judge Serve replica (Serve restarts replicas that die)."""
     options: dict[str, Any] = {"num_cpus": judge.engine.num_cpus, "num_gpus": judge.engine.num_gpus,
                                "runtime_env": {"env_vars": _vllm_env(judge.engine, 0)}}
+    if judge.engine.resources:
+        options["resources"] = dict(judge.engine.resources)
     if judge.engine.accelerator_type:
         options["accelerator_type"] = judge.engine.accelerator_type
     return options
@@ -120,6 +122,8 @@ def engine_actor_options(engine: EngineConfig, index: int = 0) -> dict[str, Any]
     }
     if engine.accelerator_type:
         options["accelerator_type"] = engine.accelerator_type
+    if engine.resources:
+        options["resources"] = dict(engine.resources)
     return options
 
 

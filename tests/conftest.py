@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -72,6 +73,41 @@ def load_job(script: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int, *, dashboard: bool = False, extra_env: dict[str, str] | None = None):
+    """A second Ray head started with `ray start --head`, as a user's own cluster, stopped again on exit (that
+    head only: `ray stop` would also stop the session's Ray). Yields (gcs port, dashboard port, environment)."""
+    import secrets
+
+    venv_bin = str(Path(sys.executable).parent)
+    temp_dir = f"/tmp/rh{os.getpid()}{free_port()}"  # short: Ray's socket paths must fit in 107 characters
+    # every port of this head picked free: another Ray on the machine (e.g. the test session's) holds the defaults
+    port, dash, agent, client, metrics = (free_port() for _ in range(5))
+    # Ray 2.60 heads require a token: the same one for `ray start`, `ray job submit` and drivers that join
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), **(extra_env or {})}
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run([f"{venv_bin}/ray", "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
+                            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+                            f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+                            f"--metrics-export-port={metrics}", f"--include-dashboard={str(dashboard).lower()}",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        yield port, dash, env
+    finally:
+        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True)
+        subprocess.run(["pkill", "-9", "-f", f"gcs_server.*{port}"], capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_job
+from conftest import ROOT, ray_head, run_job
 from rayalign.learner.checkpoints import checkpoint_steps
 
 pytestmark = pytest.mark.slow
@@ -282,12 +280,6 @@ def test_failed_judgements_are_dropped_and_a_killed_run_resumes_exactly(tmp_path
 # --- the user's command: ray job submit to a Ray head ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.long  # the stop itself is unit-tested; this runs the job
 def test_a_judge_that_never_scores_stops_the_job(tmp_path, model_path):
     """Every answer unreadable: each step is dropped and counted, and after trainer.max_failed_steps such steps
@@ -320,21 +312,8 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
     """`ray start --head`, then `ray job submit --working-dir . -- python jobs/ppo.py trainer.total_steps=1` from the
     checkout; the venv, the model cache and MLflow live outside the uploaded working dir."""
     venv_bin = str(Path(sys.executable).parent)
-    temp_dir = f"/tmp/rj{os.getpid()}"  # short: Ray's socket paths must fit in 107 characters
-    # every port of this head picked free: another Ray on the machine (e.g. the test session's) holds the defaults
-    port, dashboard, agent, client, metrics = (_free_port() for _ in range(5))
-    # Ray 2.60 heads require a token: the same one for `ray start` and `ray job submit`
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    env.pop("RAY_ADDRESS", None)
-    start = subprocess.run([f"{venv_bin}/ray", "start", "--head", f"--port={port}", "--num-cpus=8",
-                            f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-                            f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-                            f"--metrics-export-port={metrics}",
-                            "--include-dashboard=true", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stderr[-3000:]
-    try:
+    with ray_head(8, dashboard=True, extra_env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}) \
+            as (_, dashboard, env):
         for _ in range(24):  # a fresh head's job agent comes up some seconds after `ray start` returns
             submit = subprocess.run(
                 [f"{venv_bin}/ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".",
@@ -347,9 +326,6 @@ def test_ray_job_submit_on_a_local_head(tmp_path, model_path):
             time.sleep(5)
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
         assert "succeeded" in submit.stdout + submit.stderr
-    finally:  # stop this head only (`ray stop` would also stop other Rays on the machine)
-        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True)
-        subprocess.run(["pkill", "-9", "-f", f"gcs_server.*{port}"], capture_output=True)
     client, runs = _runs(tmp_path)
     (run,) = runs
     assert run.info.status == "FINISHED" and _steps(client, run.info.run_id, "reward/mean") == [1, 2]

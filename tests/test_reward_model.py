@@ -70,7 +70,8 @@ def test_reward_model_component_config_errors(tmp_path, model_path):
 
 @pytest.mark.slow
 def test_reward_model_in_a_composite_matches_the_model(local_ray, classifier):
-    from rayalign.judge.reward import build_reward, resource_needs
+    from rayalign.judge.reward import build_reward
+    from rayalign.placement import reward as reward_bundles
     from rayalign.judge.rules import RULES
     from rayalign.judge.scoring import score_to_reward
 
@@ -79,7 +80,8 @@ def test_reward_model_in_a_composite_matches_the_model(local_ray, classifier):
         RewardComponent(name="rm", kind="reward_model", model=str(classifier), weight=0.5, batch_size=2,
                         max_length=96),
     ))
-    assert resource_needs(config) == {"CPU": 1.0, "GPU": 0.0}  # no judge component: only the reward model's actor
+    # no judge component: only the reward model's actor
+    assert [(b.role, dict(b.resources)) for b in reward_bundles(config)] == [("reward model 'rm'", {"CPU": 1.0})]
     reward = build_reward(config)
     too_long = ("Plan my week of dinners.", "Lentil soup. " * 60)
     try:

@@ -219,9 +219,9 @@ def reward_stage(reward: RewardConfig, *, judge_app: str | None = None, batch_si
     ``judge_app``: the Serve application hosting rayalign's judge (`rayalign.judge.vllm_judge.ServeJudge`),
     needed when a component is the ``vllm`` judge. ``judge_timeout_s``: how long one row's judge request may wait
     (it queues behind every batch in flight) before that row fails, counted."""
-    from rayalign.judge.reward import RuleReward, _components
+    from rayalign.judge.reward import RuleReward, components as reward_components
 
-    components = _components(reward)
+    components = reward_components(reward)
     for c in components:
         if c.kind == "reward_model":
             raise ConfigError(f"reward component '{c.name}': kind=reward_model is not supported by the generation "

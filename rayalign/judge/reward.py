@@ -119,7 +119,8 @@ def build_judge(config: JudgeConfig, wait: bool = True) -> Any:
     return ServeJudge(resolve_model(config.model), config, wait=wait)
 
 
-def _components(config: RewardConfig) -> tuple[RewardComponent, ...]:
+def components(config: RewardConfig) -> tuple[RewardComponent, ...]:
+    """The reward's components; none configured means the judge alone."""
     return config.components or (RewardComponent(name="judge", kind="judge", weight=1.0),)
 
 
@@ -131,8 +132,8 @@ def build_reward(config: RewardConfig) -> CompositeReward:
     from rayalign.judge.rubric import RubricError, load_rubric, rubric_path
 
     judge = JudgeReward(config.judge)
-    components = _components(config)
-    if any(c.kind == "judge" for c in components):  # what would otherwise fail only at the first step's judging
+    parts_wanted = components(config)
+    if any(c.kind == "judge" for c in parts_wanted):  # what would otherwise fail only at the first step's judging
         try:
             load_rubric(rubric_path(config.judge.rubric))
         except RubricError as e:
@@ -141,7 +142,7 @@ def build_reward(config: RewardConfig) -> CompositeReward:
         if config.judge.backend == "openai" and key and not os.environ.get(key):
             raise ConfigError(f"judge.api_key_env names ${key}, which is not set")
     parts: list[tuple[str, float, Callable[..., list[Judgement]]]] = []
-    for c in components:
+    for c in parts_wanted:
         if c.kind == "judge":
             parts.append((c.name, c.weight, judge))
         elif c.kind == "reward_model":
@@ -151,25 +152,11 @@ def build_reward(config: RewardConfig) -> CompositeReward:
     return CompositeReward(parts)
 
 
-def _serves_judge(config: RewardConfig) -> bool:
+def serves_judge(config: RewardConfig) -> bool:
     """Whether a judge component runs on the Serve deployment (the vLLM backend) rather than an endpoint."""
-    return config.judge.backend == "vllm" and any(c.kind == "judge" for c in _components(config))
+    return config.judge.backend == "vllm" and any(c.kind == "judge" for c in components(config))
 
 
 def uses_ray(config: RewardConfig) -> bool:
     """Whether the reward starts Ray actors (the Serve judge, reward models), i.e. needs Ray initialised."""
-    return _serves_judge(config) or any(c.kind == "reward_model" for c in _components(config))
-
-
-def resource_needs(config: RewardConfig) -> dict[str, float]:
-    """CPUs and GPUs the reward's actors reserve at most: the judge's replicas (vLLM backend) and each reward
-    model's actor. Rules run in the driver."""
-    needs = {"CPU": 0.0, "GPU": 0.0}
-    if _serves_judge(config):
-        needs["CPU"] += config.judge.max_replicas * config.judge.engine.num_cpus
-        needs["GPU"] += config.judge.max_replicas * config.judge.engine.num_gpus
-    for c in _components(config):
-        if c.kind == "reward_model":
-            needs["CPU"] += c.num_cpus
-            needs["GPU"] += c.num_gpus
-    return needs
+    return serves_judge(config) or any(c.kind == "reward_model" for c in components(config))

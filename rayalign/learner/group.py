@@ -96,7 +96,7 @@ class Learner:
         hub_name = f"rayalign-learner-hub-{uuid.uuid4().hex[:8]}"
         self.hub = ray.remote(LearnerHub).options(name=hub_name, num_cpus=0).remote(self.world_size)
         use_gpu = learner.num_gpus_per_worker > 0
-        resources = {"CPU": learner.num_cpus_per_worker}
+        resources = {"CPU": learner.num_cpus_per_worker, **learner.resources_per_worker}
         if use_gpu:
             resources["GPU"] = learner.num_gpus_per_worker
         from rayalign.learner.objectives import objective as find_objective
@@ -109,7 +109,8 @@ class Learner:
             train_loop_per_worker=_train_loop,
             train_loop_config=spec,
             scaling_config=ScalingConfig(num_workers=self.world_size, use_gpu=use_gpu,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=resources,
+                                         accelerator_type=learner.accelerator_type or None),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(name=run_name, storage_path=storage_path),
         )
