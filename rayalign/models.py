@@ -316,3 +316,18 @@ def resolve_run_model(run_id: str, download_dir: Path, *, what: str) -> Resolved
     model = resolve_adapter(local, what=what) if kind == "adapter" else _merged(local, run_id, what)
     return dataclasses.replace(model, label=f"run-{run_id[:8]}", source=run_id, run_id=run_id,
                                run_name=run.info.run_name or None, run_model_name=run.data.params.get("model.name"))
+
+
+def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path) -> Path:
+    """``adapter_dir`` (a peft LoRA adapter) folded into the weights of ``base_path``, saved as an HF directory at
+    ``out_dir`` with the base's tokenizer: for servers that load adapters from cloud storage only. Returns
+    ``out_dir``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(out_dir)
+    return out_dir

@@ -1,6 +1,8 @@
-"""jobs/serve.py: the real SmolLM2 with a random LoRA adapter behind the OpenAI-compatible route, driven over HTTP
-and through the chat page in a headless Chromium, then stopped with Ctrl-C. One server process serves the slow
-tests (starting a vLLM engine costs about a minute on CPU). Bad inputs stop before anything starts (fast tests)."""
+"""jobs/serve.py: the real SmolLM2 with a random LoRA adapter on the default backend (ray.serve.llm), driven with
+the official `openai` client (streaming, n, stop, logprobs, content parts, text completions, 400 refusals), over
+HTTP and through the chat page in a headless Chromium, then stopped with Ctrl-C. One server process serves the
+slow tests (starting a vLLM engine costs about a minute on CPU). Bad inputs stop before anything starts, and
+rayalign's own route refuses what it does not support (fast tests)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, load_job
+from rayalign import config as C
 
 PROMPT = "Suggest a vegetarian dinner."
 
@@ -54,8 +57,6 @@ def _fake_adapter(path: Path, rank: int = 8) -> Path:
 
 
 def test_serve_config_documents_every_field():
-    import rayalign.config as C
-
     job = load_job("serve.py")
     for cls in (job.ServeJobConfig, job.ServeConfig):
         docs = C.field_docs(cls)
@@ -129,6 +130,13 @@ def test_run_ids_resolve_to_the_saved_model_or_exit_2(tmp_path, capsys, monkeypa
     ({"temperature": 3}, "temperature in [0, 2]"), ({"max_tokens": 0}, "max_tokens must be >= 1"),
     ({"max_tokens": 1.5}, "'max_tokens' must be a number"), ({"messages": []}, "'messages' must be a non-empty list"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0] must be"),
+    # what the rollout engines' route does not do is refused, never dropped
+    ({"stream": True}, "'stream': this route answers whole responses only"),
+    ({"n": 2}, "'n': this route returns one choice per request"),
+    ({"logprobs": True, "tools": []}, "unsupported request field(s): logprobs, tools"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "only text parts are supported, got 'image_url'"),
+    ({"stop": [""]}, "'stop' must be a string or a list of up to 4 non-empty strings"),
 ])
 def test_chat_requests_are_validated(change, reason):
     from rayalign.config import SamplingConfig
@@ -138,8 +146,35 @@ def test_chat_requests_are_validated(change, reason):
     with pytest.raises(ValueError, match=re.escape(reason)):
         parse_chat_request(body, SamplingConfig())
     messages, sampling = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "seed": 7,
-                                             "temperature": 2}, SamplingConfig())
-    assert sampling.seed == 7 and sampling.temperature == 2.0 and sampling.n == 1
+                                             "temperature": 2, "model": "any", "stop": "."}, SamplingConfig())
+    assert sampling.seed == 7 and sampling.temperature == 2.0 and sampling.n == 1 and sampling.stop == (".",)
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]  # what many clients send
+    messages, _ = parse_chat_request({"messages": [{"role": "user", "content": parts}]}, SamplingConfig())
+    assert messages == [{"role": "user", "content": "Hello, world"}]
+
+
+def test_ray_serve_llm_config_follows_the_engine_settings():
+    from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
+    from rayalign.rollout.serve_llm import llm_config
+
+    cpu = llm_config("/m", "smol", ModelConfig(dtype="float32"), EngineConfig(max_model_len=512),
+                     defaults=SamplingConfig(temperature=0.5, max_new_tokens=24))
+    assert cpu["model_loading_config"] == {"model_id": "smol", "model_source": "/m"}
+    assert cpu["engine_kwargs"]["distributed_executor_backend"] == "mp"  # vLLM's CPU platform refuses Ray's
+    assert cpu["placement_group_config"] == {"bundles": [{"CPU": 1.0}]}  # else the engine stage asks for a GPU
+    assert cpu["engine_kwargs"]["override_generation_config"]["max_new_tokens"] == 24
+    gpu = llm_config("/m", "big", ModelConfig(dtype="bfloat16"), EngineConfig(
+        num_engines=2, tensor_parallel_size=4, num_gpus=4, num_cpus=8, accelerator_type="H100"),
+        lora_path="s3://bucket/adapters", max_lora_rank=64)
+    assert gpu["placement_group_config"] == {"bundles": [{"CPU": 2.0, "GPU": 1}] * 4, "strategy": "STRICT_PACK"}
+    assert gpu["deployment_config"] == {"num_replicas": 2} and gpu["accelerator_type"] == "H100"
+    assert gpu["lora_config"] == {"dynamic_lora_loading_path": "s3://bucket/adapters"}
+    from ray.serve.llm import LLMConfig
+
+    for c in (cpu, gpu):
+        LLMConfig.model_validate(c)
+    with pytest.raises(C.ConfigError, match="serve.lora_path"):
+        C.load_config(load_job("serve.py").ServeJobConfig, None, ["serve.lora_path=/local/dir"])
 
 
 def test_the_chat_page_is_self_contained():
@@ -159,7 +194,7 @@ def test_the_chat_page_is_self_contained():
 class Server:
     proc: subprocess.Popen
     url: str
-    """Base URL of the route, e.g. http://127.0.0.1:PORT/chat."""
+    """Base URL of the server, e.g. http://127.0.0.1:PORT: the OpenAI API at /v1, the chat page at /chat/."""
     port: int
     log: Path
 
@@ -221,7 +256,7 @@ def server(tmp_path_factory, adapter_dir):
         proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve.py"), *args], cwd=workdir,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    server = Server(proc, f"http://127.0.0.1:{port}/chat", port, log_path)
+    server = Server(proc, f"http://127.0.0.1:{port}", port, log_path)
     try:
         deadline = time.time() + 600
         while not _answers(f"{server.url}/v1/models"):
@@ -246,13 +281,12 @@ def _outbound_ip() -> str | None:
 
 @pytest.mark.slow
 def test_chat_completion_over_http(server):
-    body = {"model": "whatever", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16}
+    body = {"model": _model_id(server), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16}
     request = urllib.request.Request(f"{server.url}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     reply = json.loads(urllib.request.urlopen(request, timeout=300).read())
     assert reply["choices"][0]["message"]["content"].strip(), reply
-    assert reply["policy_version"] == 1  # the adapter, applied through the engines' dynamic LoRA
-    assert reply["model"].endswith("/adapter")  # named after the adapter's directory
+    assert reply["model"].endswith("/adapter")  # named after the adapter's directory (merged into its base)
 
     # a conversation longer than the engine's context: vLLM refuses it, the route answers 400 in one line
     body["messages"][0]["content"] = "lentils " * 3000
@@ -268,6 +302,56 @@ def test_chat_completion_over_http(server):
     if ip is not None:  # bound to 127.0.0.1 only: not reachable on the machine's own network address
         with pytest.raises(OSError), socket.create_connection((ip, server.port), timeout=5):
             pass
+
+
+def _model_id(server: Server) -> str:
+    with urllib.request.urlopen(f"{server.url}/v1/models", timeout=30) as response:
+        return json.loads(response.read())["data"][0]["id"]
+
+
+@pytest.mark.slow
+def test_the_openai_client_gets_what_it_asks_for(server):
+    """The calls a user makes with the official client: each one honoured, or refused with a 400."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=300, max_retries=0)
+    model = _model_id(server)
+    ask = [{"role": "user", "content": PROMPT}]
+    plain = client.chat.completions.create(model=model, messages=ask, max_tokens=12, temperature=0)
+    assert plain.choices[0].message.content.strip() and plain.usage.completion_tokens <= 12
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model=model, messages=ask, max_tokens=12, temperature=0,
+                                                 stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 3 and streamed == plain.choices[0].message.content  # greedy: the same answer, in pieces
+
+    two = client.chat.completions.create(model=model, messages=ask, max_tokens=8, n=2, seed=1)
+    assert len(two.choices) == 2 and {c.index for c in two.choices} == {0, 1}
+
+    stopped = client.chat.completions.create(model=model, messages=ask, max_tokens=24, temperature=0, stop=[" "])
+    assert " " not in stopped.choices[0].message.content.strip() and stopped.choices[0].finish_reason == "stop"
+
+    scored = client.chat.completions.create(model=model, messages=ask, max_tokens=4, temperature=0, logprobs=True,
+                                            top_logprobs=2)
+    tokens = scored.choices[0].logprobs.content
+    assert len(tokens) == scored.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in tokens)
+    assert all(t.logprob <= 0 for t in tokens)
+
+    parts = [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]  # content as a list of parts
+    assert client.chat.completions.create(model=model, messages=parts, max_tokens=12,
+                                          temperature=0).choices[0].message.content == plain.choices[0].message.content
+
+    text = client.completions.create(model=model, prompt="Lentils are", max_tokens=8, temperature=0)
+    assert text.choices[0].text.strip() and text.usage.completion_tokens <= 8
+
+    # a field the server does not know is refused, not dropped: vLLM alone would answer and ignore it
+    with pytest.raises(openai.BadRequestError, match="unsupported request field.*frobnicate"):
+        client.chat.completions.create(model=model, messages=ask, max_tokens=4, extra_body={"frobnicate": 1})
+    with pytest.raises(openai.BadRequestError):  # more than the context holds
+        client.chat.completions.create(model=model, messages=ask, max_tokens=100_000)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=ask, max_tokens=4)
 
 
 @pytest.mark.slow
@@ -290,7 +374,7 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
     browser = webdriver.Chrome(options=options, service=Service(chromedriver))
     screenshot = tmp_path / "chat_page.png"
     try:
-        browser.get(f"{server.url}/")
+        browser.get(f"{server.url}/chat/")
         WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text)  # the page reached the API
         assert browser.find_element(By.ID, "model").text.endswith("/adapter")
 
@@ -305,7 +389,7 @@ def test_chat_page_in_a_headless_browser(server, tmp_path):
         browser.find_element(By.ID, "input").send_keys(PROMPT)
         browser.find_element(By.ID, "send").click()
         first = replies(1)[0]
-        assert "policy v1" in first.text and first.text.split("policy v1")[0].strip()
+        assert " tokens · " in first.text and first.text.split("tokens · ")[0].strip()
         browser.find_element(By.ID, "input").send_keys("And a dessert?", Keys.ENTER)  # Enter sends too
         replies(2)
         # the page keeps the whole conversation and posts all of it with every message

@@ -28,32 +28,70 @@ def _last_line(error: BaseException) -> str:
     return lines[-1].strip() if lines else type(error).__name__
 
 
+ROUTE_FIELDS = frozenset({"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                          "seed", "stop", "n", "stream", "user"})
+"""The OpenAI chat fields this route understands (n only 1, stream only false); any other is refused with 400."""
+
+
+def _content(i: int, content: Any) -> str:
+    """A message's content: a string, or a list of text parts (what many clients send), joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"messages[{i}].content: only text parts are supported, got {kind!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': str or text parts}}")
+
+
 def parse_chat_request(body: Any, defaults: SamplingConfig) -> tuple[list[dict[str, str]], SamplingConfig]:
-    """Validate an OpenAI chat request body. Raises ValueError with a one-line reason."""
+    """Validate an OpenAI chat request body. Raises ValueError with a one-line reason, also for every field this
+    route does not support (streaming, several choices, logprobs, tools...): refused, never silently ignored."""
     import dataclasses
 
     if not isinstance(body, dict):
         raise ValueError("request body must be a JSON object")
+    unknown = sorted(set(body) - ROUTE_FIELDS)
+    if unknown:
+        raise ValueError(f"unsupported request field(s): {', '.join(unknown)} (this route serves the rollout "
+                         "engines; jobs/serve.py's default backend, ray_serve_llm, takes the whole OpenAI API)")
+    if body.get("stream"):
+        raise ValueError("'stream': this route answers whole responses only (serve.backend=ray_serve_llm streams)")
+    if body.get("n") not in (None, 1):
+        raise ValueError("'n': this route returns one choice per request (serve.backend=ray_serve_llm returns n)")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
+    parsed = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': str or text parts}}")
+        parsed.append({"role": m["role"], "content": _content(i, m.get("content"))})
     changes: dict[str, Any] = {}
-    for key, field, kind in (("max_tokens", "max_new_tokens", int), ("temperature", "temperature", float),
-                             ("top_p", "top_p", float), ("seed", "seed", int)):
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise ValueError("set one of 'max_tokens' and 'max_completion_tokens'")
+    for key, field, kind in (("max_tokens", "max_new_tokens", int), ("max_completion_tokens", "max_new_tokens", int),
+                             ("temperature", "temperature", float), ("top_p", "top_p", float), ("seed", "seed", int)):
         if body.get(key) is not None:
             value = body[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
                 raise ValueError(f"'{key}' must be a number")
             changes[field] = kind(value)
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+            raise ValueError("'stop' must be a string or a list of up to 4 non-empty strings")
+        changes["stop"] = tuple(stop)
     sampling = dataclasses.replace(defaults, n=1, **changes)
     if (sampling.max_new_tokens < 1 or not 0 <= sampling.temperature <= 2 or not 0 < sampling.top_p <= 1
             or sampling.seed is not None and not 0 <= sampling.seed < 2**63):
         raise ValueError("max_tokens must be >= 1, temperature in [0, 2], top_p in (0, 1] and seed in [0, 2^63)")
-    return [{"role": m["role"], "content": m["content"]} for m in messages], sampling
+    return parsed, sampling
 
 
 def build_chat_app(engine_names: Sequence[str], namespace: str, model_name: str, defaults: SamplingConfig) -> Any:
