@@ -150,8 +150,10 @@ def test_rayjob_runs_ppo_with_its_gpu_profile():
 
 
 def test_rayservice_serve_config_loads_with_serve_and_ray_serve_llm_schemas():
-    from ray.serve.llm import LLMConfig
+    from ray.serve.llm import LLMServingArgs
     from ray.serve.schema import ServeDeploySchema
+
+    from rayalign.rollout.serve_llm import StrictIngress
 
     doc = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
@@ -159,8 +161,8 @@ def test_rayservice_serve_config_loads_with_serve_and_ray_serve_llm_schemas():
     assert set(apps) == {"judge", "chat"}
     for app in apps.values():
         assert app.import_path == "ray.serve.llm:build_openai_app"
-        for llm in app.args["llm_configs"]:
-            LLMConfig.model_validate(llm)  # what build_openai_app does with each entry
+        args = LLMServingArgs.model_validate(app.args)  # what build_openai_app does with its args
+        assert args.ingress_cls_config.ingress_cls.__name__ == StrictIngress.__name__  # the string resolved
     judge = apps["judge"].args["llm_configs"][0]
     assert judge["engine_kwargs"]["tensor_parallel_size"] == 4
     assert judge["deployment_config"]["autoscaling_config"]["max_replicas"] > 1

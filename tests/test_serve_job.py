@@ -355,6 +355,29 @@ def test_the_openai_client_gets_what_it_asks_for(server):
 
 
 @pytest.mark.slow
+def test_the_openai_judge_backend_scores_through_the_served_app(server):
+    """How a PPO run uses a judge hosted on ray.serve.llm (cluster/rayservice.yaml): judge.backend=openai by URL.
+    Both modes reach the app and read its replies (score: the number it wrote; logprob: P(yes) from top_logprobs)."""
+    from rayalign.judge.reward import build_judge
+
+    answers = ["Try a lentil and mushroom shepherd's pie.", "Grill a steak with pepper sauce."]
+    for mode in ("score", "logprob"):
+        judge = build_judge(C.JudgeConfig(backend="openai", url=f"{server.url}/v1", endpoint_model=_model_id(server),
+                                          mode=mode, timeout_s=120))
+        try:
+            judgements = judge.judge([PROMPT] * 2, answers)
+        finally:
+            judge.shutdown()
+        assert len(judgements) == 2
+        for j in judgements:  # a reply for each; a 135M judge may write no number, which is counted, never a 0
+            assert j.raw or j.error, j
+            assert (j.score is None) == (j.reward is None) and (j.score is None or 0 <= j.score <= 1)
+            assert j.error is None or "HTTP" not in j.error, j.error  # the transport itself never failed
+        if mode == "logprob":
+            assert all(j.score is not None for j in judgements), judgements
+
+
+@pytest.mark.slow
 def test_chat_page_in_a_headless_browser(server, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     chromedriver = shutil.which("chromedriver")
