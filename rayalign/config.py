@@ -133,7 +133,8 @@ class EngineConfig:
     num_cpus: float = 1.0
     """Ray CPUs reserved for each engine actor."""
     num_gpus: float = 0.0
-    """Ray GPUs reserved for each engine actor (0 on CPU; tensor_parallel_size on GPU)."""
+    """Ray GPUs reserved for each engine actor (0 on CPU; tensor_parallel_size on GPU, or a fraction of one GPU
+    with tensor_parallel_size 1 to share it, with gpu_memory_utilization lowered to match)."""
     accelerator_type: str = ""
     """Ray accelerator type the engines must run on (e.g. "H100", "A10G"); "" takes any node that fits."""
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -153,7 +154,7 @@ class EngineConfig:
             raise ConfigError(
                 f"engine.tensor_parallel_size={self.tensor_parallel_size} needs GPUs, but engine.num_gpus=0 (CPU engines use 1)"
             )
-        if self.num_gpus > 0 and self.num_gpus < self.tensor_parallel_size:
+        if self.tensor_parallel_size > 1 and self.num_gpus < self.tensor_parallel_size:  # 1: may share a GPU
             raise ConfigError(
                 f"engine.num_gpus={self.num_gpus} is less than engine.tensor_parallel_size={self.tensor_parallel_size}"
             )

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +50,15 @@ def test_there_are_manifests_and_a_bad_one_is_caught():
     doc["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, _schema("RayCluster"))
+
+
+def test_gpu_check_ends_at_once_with_one_line_where_there_is_no_gpu():
+    """benchmarks/gpu_check.sh, for the day a device is lent: here (no NVIDIA driver) it must fail clearly, not hang."""
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has an NVIDIA driver: run benchmarks/gpu_check.sh itself")
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("gpu_check: driver: nvidia-smi not found")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["ok"] is False and report["failed"] == "driver"
