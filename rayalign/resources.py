@@ -1,6 +1,7 @@
 """Where Ray plumbing lives: joining or starting Ray, and the options each kind of actor is launched with.
 
-Resources come from config here, where actors are launched; nothing is hard-coded in decorators.
+Resources come from config here, where actors are launched; nothing is hard-coded in decorators. What a job's
+actors reserve in all, and whether a cluster can hold them, is `rayalign.placement`.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from rayalign.config import ConfigError, EngineConfig, JudgeConfig, RayConfig
+from rayalign.config import EngineConfig, JudgeConfig, RayConfig
 from rayalign.models import CACHE_ENV, cache_dir
 
 
@@ -46,21 +47,6 @@ def init_ray(config: RayConfig) -> str:
         kwargs.update(num_cpus=config.num_cpus, include_dashboard=config.dashboard)
     ray.init(**kwargs)
     return address
-
-
-def check_resources(needs: dict[str, float], address: str) -> None:
-    """On a local Ray, raise ConfigError when the actors a job is about to start cannot all fit (they would wait
-    forever). A cluster may autoscale, so there the check is left to Ray."""
-    import ray
-
-    if address != "local":
-        return
-    have = ray.cluster_resources()
-    short = {k: (v, have.get(k, 0.0)) for k, v in needs.items() if v > have.get(k, 0.0) + 1e-9}
-    if short:
-        detail = ", ".join(f"{k}: needs {v:g}, has {h:g}" for k, (v, h) in short.items())
-        raise ConfigError(f"the local Ray is too small for this job ({detail}); raise ray.num_cpus (logical CPUs "
-                          "may exceed the cores: the job's phases mostly take turns) or lower the per-actor num_cpus")
 
 
 def worker_env() -> dict[str, str]:
