@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "data": {"source": dataset.source, "prompts": len(prompts), "skipped_rows": dataset.skipped},
-            "judge": {"backend": cfg.judge.backend, "model": cfg.judge.model if cfg.judge.backend == "vllm"
+            "judge": {"backend": cfg.judge.backend, "model": cfg.judge.model if cfg.judge.backend != "openai"
                       else cfg.judge.endpoint_model, "mode": cfg.judge.mode, "rubric": rubric.name,
                       "threshold": rubric.threshold},
             "rule": cfg.report.rule or None,

@@ -133,6 +133,11 @@ class GeneratePreferencesConfig:
         engines = P.engines(dataclasses.replace(self.engine, num_engines=stages * self.engine.num_engines))
         return [P.Phase("pipeline", (*engines, *P.reward(self.reward), *P.cpu_tasks("light stage", 16, LIGHT_STAGE_CPUS)))]
 
+    def validate(self) -> None:
+        if self.reward.judge.backend == "ray_serve_llm":
+            raise C.ConfigError("reward.judge.backend=ray_serve_llm: the pipeline's Ray Data stage calls rayalign's "
+                                "judge deployment (vllm) or an endpoint (openai); use one of those")
+
 
 ANSWER_FIELDS = (("prompt_id", "int64"), ("prompt", "string"), ("source", "string"), ("round", "int64"),
                  ("response", "string"), ("tokens", "int64"), ("score", "float64"), ("reward", "float64"),

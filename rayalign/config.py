@@ -212,8 +212,10 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class JudgeConfig:
-    backend: Literal["vllm", "openai"] = "vllm"
-    """"vllm": the judge model hosted by rayalign on Ray Serve; "openai": any OpenAI-compatible endpoint."""
+    backend: Literal["vllm", "openai", "ray_serve_llm"] = "vllm"
+    """"vllm": the judge model hosted by rayalign on Ray Serve (a step's pairs in one request, one vLLM call);
+    "openai": any OpenAI-compatible endpoint; "ray_serve_llm": the judge model as a ray.serve.llm app in this job,
+    judged over its OpenAI routes (the vllm backend's model, dtype, engine and replica settings apply)."""
     model: str = "smollm2-135m-instruct"
     """vllm backend: the judge model (embedded name, HF directory or hub id)."""
     dtype: Literal["best", "auto", "float32", "bfloat16", "float16"] = "best"

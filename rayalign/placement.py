@@ -89,8 +89,11 @@ def learner(config: LearnerConfig) -> list[Bundle]:
 
 
 def judge(config: JudgeConfig) -> list[Bundle]:
-    """The judge's Serve replicas at their autoscaling maximum (vllm backend); an endpoint reserves nothing."""
-    if config.backend != "vllm":
+    """The judge's Serve replicas at their autoscaling maximum (vllm and ray_serve_llm backends); an endpoint
+    reserves nothing."""
+    from rayalign.judge.reward import HOSTED
+
+    if config.backend not in HOSTED:
         return []
     return engines(dataclasses.replace(config.engine, num_engines=config.max_replicas), role="judge replica")
 

@@ -77,7 +77,7 @@ def plan(cfg: Any, rates: dict[str, Rate] = RATES, *, policy_params: float | Non
     gen_len = cfg.sampling.max_new_tokens
     n_policy = policy_params or _params(cfg.model.name, "model.name")
     judge = cfg.reward.judge
-    n_judge = _params(judge.model, "reward.judge.model") if judge.backend == "vllm" else 0.0
+    n_judge = _params(judge.model, "reward.judge.model") if judge.backend in ("vllm", "ray_serve_llm") else 0.0
 
     # decode: an engine of tp GPUs; a 70B-class model decodes at the 70B rate per GPU, smaller ones at the 8B rate
     def decode_rate(params: float, tp: int) -> float:

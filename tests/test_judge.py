@@ -82,3 +82,20 @@ def test_validate_judge_job_on_a_slice(tmp_path):
     client = MlflowClient(uri)
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_the_judge_as_a_ray_serve_llm_app_scores_like_rayalign_s_deployment(serve_judge, local_ray):
+    """judge.backend=ray_serve_llm: the same model, rubric and mode behind ray.serve.llm's OpenAI routes give the
+    same P(yes) as rayalign's own deployment (float32 both), and a failed start is one line."""
+    from rayalign.judge.reward import build_judge
+
+    config = JudgeConfig(backend="ray_serve_llm", mode="logprob", dtype="float32", max_batch_size=8)
+    judge = build_judge(config)
+    try:
+        assert judge.start_seconds is not None and judge.start_seconds > 0
+        theirs = judge.judge([p for p, _ in PAIRS], [r for _, r in PAIRS])
+    finally:
+        judge.shutdown()
+    ours = serve_judge.judge([p for p, _ in PAIRS], [r for _, r in PAIRS])
+    assert all(j.ok for j in theirs), theirs
+    assert [j.score for j in theirs] == pytest.approx([j.score for j in ours], abs=0.05)

@@ -113,10 +113,19 @@ def build_judge(config: JudgeConfig, wait: bool = True) -> Any:
         from rayalign.judge.openai_judge import OpenAIJudge
 
         return OpenAIJudge(config)
-    from rayalign.judge.vllm_judge import ServeJudge
     from rayalign.models import resolve_model
 
+    if config.backend == "ray_serve_llm":
+        from rayalign.judge.serve_llm_judge import ServeLLMJudge
+
+        return ServeLLMJudge(resolve_model(config.model), config, wait=wait)
+    from rayalign.judge.vllm_judge import ServeJudge
+
     return ServeJudge(resolve_model(config.model), config, wait=wait)
+
+
+HOSTED = ("vllm", "ray_serve_llm")
+"""The judge backends that run the judge model on this job's Ray (and reserve its resources)."""
 
 
 def components(config: RewardConfig) -> tuple[RewardComponent, ...]:
@@ -153,8 +162,9 @@ def build_reward(config: RewardConfig) -> CompositeReward:
 
 
 def serves_judge(config: RewardConfig) -> bool:
-    """Whether a judge component runs on the Serve deployment (the vLLM backend) rather than an endpoint."""
-    return config.judge.backend == "vllm" and any(c.kind == "judge" for c in components(config))
+    """Whether a judge component runs on Serve in this job (the vllm or ray_serve_llm backend) rather than behind
+    an endpoint."""
+    return config.judge.backend in HOSTED and any(c.kind == "judge" for c in components(config))
 
 
 def uses_ray(config: RewardConfig) -> bool:

@@ -108,8 +108,9 @@ class Learner:
         trainer = TorchTrainer(
             train_loop_per_worker=_train_loop,
             train_loop_config=spec,
+            # one placement group for the workers, packed onto as few nodes as hold them (NCCL within a node)
             scaling_config=ScalingConfig(num_workers=self.world_size, use_gpu=use_gpu,
-                                         resources_per_worker=resources,
+                                         resources_per_worker=resources, placement_strategy="PACK",
                                          accelerator_type=learner.accelerator_type or None),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(name=run_name, storage_path=storage_path),

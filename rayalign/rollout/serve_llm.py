@@ -149,29 +149,46 @@ def start_llm_app(config: dict[str, Any], *, host: str, port: int, start_timeout
     """Run the model's OpenAI app at ``/`` and the chat page at ``/chat`` on ``host:port``; returns the base URL
     once the model answers. Raises TimeoutError (past ``start_timeout_s``) or RuntimeError (a failed deploy) with
     one line naming the deployment."""
-    import time
-
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_llm_app(config), name="rayalign-llm", route_prefix="/", blocking=False)
     serve.run(build_page_app("/v1"), name="rayalign-chat-page", route_prefix="/chat", blocking=False)
-    t0 = time.monotonic()
-    while True:
-        status = serve.status().applications.get("rayalign-llm")
-        state = str(getattr(status, "status", "NOT_STARTED")).rsplit(".", 1)[-1]
-        if state == "RUNNING":
-            break
-        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"ray.serve.llm app rayalign-llm: {state}: {_last_line(getattr(status, 'message', ''))}")
-        if time.monotonic() - t0 > start_timeout_s:
-            raise TimeoutError(f"ray.serve.llm app rayalign-llm not running after {start_timeout_s:g} s "
-                               f"(serve.start_timeout_s; status {state})")
-        time.sleep(2)
+    wait_running("rayalign-llm", start_timeout_s, "serve.start_timeout_s")
     from ray.serve.context import _get_global_client
 
     http = _get_global_client().http_config
     return f"http://{http.host}:{http.port}"
+
+
+def wait_running(app_name: str, timeout_s: float, knob: str) -> None:
+    """Block until Serve app ``app_name`` runs. Raises RuntimeError (a failed deploy) or TimeoutError (past
+    ``timeout_s``, the config key ``knob``), each one line naming the app."""
+    import time
+
+    from ray import serve
+
+    t0 = time.monotonic()
+    while True:
+        status = serve.status().applications.get(app_name)
+        state = str(getattr(status, "status", "NOT_STARTED")).rsplit(".", 1)[-1]
+        if state == "RUNNING":
+            return
+        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"ray.serve.llm app {app_name}: {state}: {_last_line(getattr(status, 'message', ''))}")
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"ray.serve.llm app {app_name} not running after {timeout_s:g} s ({knob}; status "
+                               f"{state})")
+        time.sleep(1)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _last_line(text: str) -> str:
