@@ -178,15 +178,17 @@ def main(argv: list[str] | None = None) -> int:
             start_ray(cfg.ray, cfg.phases())
         except C.ConfigError as e:
             return refuse(e, "config error")
-        serve(cfg, served, download_dir)
+        return serve(cfg, served, download_dir)
     finally:
         shutil.rmtree(download_dir, ignore_errors=True)
-    return 0
 
 
-def serve(cfg: ServeJobConfig, served: Served, download_dir: Path) -> None:
-    """Start the backend on the joined Ray, wait, take everything down again (also on Ctrl-C)."""
+def serve(cfg: ServeJobConfig, served: Served, download_dir: Path) -> int:
+    """Start the backend on the joined Ray, wait, take everything down again (also on Ctrl-C). Returns the exit
+    code: 0, or 1 with one line when the app failed to start or did not start in time."""
     import ray
+
+    from rayalign.job import refuse
 
     # Ctrl-C and `kill` both stop cleanly, also where the launcher left SIGINT ignored (a background job of a script)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -202,11 +204,15 @@ def serve(cfg: ServeJobConfig, served: Served, download_dir: Path) -> None:
         _wait(cfg.serve.duration_s)
     except KeyboardInterrupt:
         pass
+    except (RuntimeError, TimeoutError) as e:  # the app did not start (serve_llm.wait_running's one line)
+        refuse(e)
+        return 1
     finally:
         print("stopping", file=sys.stderr, flush=True)
         if stop is not None:
             stop()
         ray.shutdown()
+    return 0
 
 
 def serve_llm(cfg: ServeJobConfig, served: Served, download_dir: Path):
