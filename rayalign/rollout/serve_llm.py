@@ -19,6 +19,7 @@ one-CPU placement bundle.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the overridden routes' annotations at definition time.
+import functools
 from typing import Any, Optional
 
 from rayalign.config import EngineConfig, ModelConfig, SamplingConfig
@@ -86,6 +87,7 @@ def _refusal(fields: list[str]) -> Any:
         "param": fields[0], "code": 400}})
 
 
+@functools.lru_cache(maxsize=None)
 def _strict_ingress() -> type:
     from fastapi import Request
     from fastapi.responses import Response
