@@ -287,3 +287,18 @@ def test_an_override_reaches_an_item_of_a_list_the_file_gives():
     assert [(c.kind, c.model) for c in cfg.reward.components] == [("reward_model", "/models/rm"), ("rule", "")]
     with pytest.raises(C.ConfigError, match=re.escape("'reward.components.2': expected an index below 2")):
         C.load_config(job.PPOJobConfig, profile, ["reward.components.2.model=/models/rm"])
+
+
+def test_learner_malloc_tunables_reach_the_workers_env(monkeypatch):
+    from rayalign.learner.group import _worker_env
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    default = C.LearnerConfig()
+    default.validate()
+    assert _worker_env(default) == {"env_vars": {"GLIBC_TUNABLES": C.LEARNER_MALLOC_TUNABLES}}
+    assert _worker_env(C.LearnerConfig(malloc_tunables="")) == {}  # glibc's own behaviour
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.x86_ibt=off")  # the job's own come first, ours after
+    assert _worker_env(default)["env_vars"]["GLIBC_TUNABLES"] == "glibc.cpu.x86_ibt=off:" + C.LEARNER_MALLOC_TUNABLES
+    for bad in ("arena_max=1", "glibc.malloc.arena_max", "glibc.malloc.arena_max=1::"):
+        with pytest.raises(C.ConfigError, match="learner.malloc_tunables: expected glibc.<name>=<value>"):
+            C.LearnerConfig(malloc_tunables=bad).validate()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayalign.config import AlgorithmConfig, LearnerConfig, LoraConfig
+from rayalign.config import LEARNER_MALLOC_TUNABLES, AlgorithmConfig, LearnerConfig, LoraConfig
 from rayalign.types import Rollout
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,8 @@ def test_single_pass_step_sees_what_the_separate_pass_sees(local_ray, model_path
     learner = Learner(model_path, learner=LearnerConfig(micro_batch_size=2, lr=1e-3), lora=LoraConfig(),
                       algorithm=algo, storage_path=str(tmp_path), run_name="single-pass", seed=0)
     try:
-        learner.setup()
+        # the workers started with learner.malloc_tunables in their environment (glibc reads it at exec)
+        assert learner.setup()["malloc_tunables"].endswith(LEARNER_MALLOC_TUNABLES)
         batch = pad_rollouts(_rollouts(model_path))
         batch["advantages"] = torch.tensor([[1.0], [-1.0], [0.5]]) * batch["response_mask"]
         # 3 rows in a minibatch of 4: one padding row, in the second micro-batch

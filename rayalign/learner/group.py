@@ -70,6 +70,15 @@ class LearnerHub:
         return [replies[r] for r in range(self.world_size)]
 
 
+def _worker_env(learner: LearnerConfig) -> dict[str, Any]:
+    """The workers' runtime env: ``learner.malloc_tunables`` as GLIBC_TUNABLES (read when the process starts), after
+    any the job's environment sets (glibc takes the last value of a name)."""
+    import os
+
+    tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES", ""), learner.malloc_tunables) if t)
+    return {"env_vars": {"GLIBC_TUNABLES": tunables}} if tunables else {}
+
+
 def _fit(trainer: Any) -> Any:
     return trainer.fit()
 
@@ -113,7 +122,8 @@ class Learner:
                                          resources_per_worker=resources, placement_strategy="PACK",
                                          accelerator_type=learner.accelerator_type or None),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(name=run_name, storage_path=storage_path),
+            run_config=RunConfig(name=run_name, storage_path=storage_path,
+                                 worker_runtime_env=_worker_env(learner)),
         )
         # fit() blocks until the workers return, so it runs as a task while the driver sends commands
         self.fit_ref = ray.remote(_fit).options(num_cpus=0).remote(trainer)
@@ -133,6 +143,7 @@ class Learner:
     def setup(self) -> dict[str, Any]:
         """Wait for the workers to build their engines (and restore the run's checkpoint, if any).
         Returns rank 0's answer: ``driver_state`` (None on a fresh run), ``trainable_params``, ``threads``,
+        ``malloc_tunables`` (its GLIBC_TUNABLES),
         ``params``, ``params_on_rank`` (the elements rank 0 holds: fewer than ``params`` under ZeRO-3) and
         ``reference_params_on_rank`` (those of the frozen reference of a full finetune, sharded too under ZeRO-3)."""
         return self._call("setup")[0]

@@ -69,7 +69,8 @@ class LearnerWorker:
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
         reference = list(self.model.reference.parameters()) if self.model.reference is not None else []
         return {"driver_state": state, "trainable_params": trainable, "rank": self.rank, "pid": os.getpid(),
-                "threads": torch.get_num_threads(), "params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                "threads": torch.get_num_threads(), "malloc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                "params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
                 "params_on_rank": sum(getattr(p, "ds_tensor", p).numel() for p in params),
                 "reference_params_on_rank": sum(getattr(p, "ds_tensor", p).numel() for p in reference)}
 
