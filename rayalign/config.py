@@ -709,9 +709,9 @@ class LearnerConfig:
     malloc_tunables: str = LEARNER_MALLOC_TUNABLES
     """glibc malloc settings of the worker processes (their GLIBC_TUNABLES; "" leaves glibc's own). The default
     keeps the memory a micro-batch frees for the next one, in one arena, on transparent huge pages where the kernel
-    offers them (madvise): Ray Train runs the training loop in a thread, whose arena otherwise hands each forward's
-    activations back to the OS and faults them in again (about 100k page faults per 512-token forward of SmolLM2,
-    ~0 with these). Measured in the README ("SFT throughput")."""
+    offers them (madvise). With glibc's defaults a CPU learner worker hands each forward's activations back to the
+    OS and faults them in again (33-150k page faults per 512-token forward of SmolLM2; 1-164 with these). Measured
+    in the README ("SFT throughput")."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training dtype (bfloat16 uses DeepSpeed's bf16 mode with fp32 master weights)."""
     zero_stage: int = 2
