@@ -48,7 +48,7 @@ else  # one device shared by all three: fractions of it, weights through shared 
 fi
 t0=$(date +%s)
 MLFLOW_TRACKING_URI="sqlite:///$out/mlflow.db" timeout 330 "$python" jobs/ppo.py trainer.total_steps=2 \
-  trainer.prompts_per_step=8 sampling.max_new_tokens=64 heldout.enabled=false learner.dtype=bfloat16 \
+  algorithm.dynamic_sampling=false trainer.prompts_per_step=8 sampling.max_new_tokens=64 heldout.enabled=false learner.dtype=bfloat16 \
   engine.gpu_memory_utilization=0.25 reward.judge.engine.gpu_memory_utilization=0.25 engine.enforce_eager=true \
   reward.judge.engine.enforce_eager=true trainer.storage_path="$out/checkpoints" trainer.output_dir="$out/outputs" \
   ray.num_cpus=8 "${sync[@]}" >"$out/ppo.log" 2>&1 \

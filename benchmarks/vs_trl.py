@@ -63,7 +63,7 @@ def step_prompts(steps: int, per_step: int) -> list[list[str]]:
 def bench_rayalign(args, workdir: Path) -> dict[str, float]:
     experiment = "bench-vs-trl"
     cmd = [sys.executable, str(ROOT / "jobs" / "ppo.py"), f"model.name={args.model}", "algorithm.name=grpo",
-           f"sampling.n={args.generations}", f"trainer.prompts_per_step={args.prompts}",
+           "algorithm.dynamic_sampling=false", f"sampling.n={args.generations}", f"trainer.prompts_per_step={args.prompts}",
            f"sampling.max_new_tokens={args.max_new_tokens}", "sampling.ignore_eos=true",
            f"sampling.temperature={TEMPERATURE}", f"algorithm.minibatch_size={args.prompts * args.generations}",
            f"learner.micro_batch_size={MICRO_BATCH}", "algorithm.kl_in=loss", f"algorithm.kl_coef={KL_COEF}",

@@ -456,6 +456,15 @@ class AlgorithmConfig:
     max_sampling_rounds: int = 3
     """Extra generate-and-judge rounds a step may take to refill dropped groups (dynamic_sampling); a step still
     short after them trains on the groups it has."""
+    dynamic_sampling_by: str = "reward"
+    """Dynamic sampling only: what must differ within a prompt group for dynamic sampling to keep it: "reward" (the summed reward, as in
+    DAPO) or the name of one reward component (e.g. "lexicon"). A component other than the judge is scored first,
+    and only the groups it keeps (at most prompts_per_step) go to the judge. With a judge whose scores never tie
+    exactly, "reward" keeps every group; a rule's verdicts tie in the groups that tell the policy nothing."""
+    oversample: int = 1
+    """Dynamic sampling only: each round generates this many times the groups still missing (the first round
+    prompts_per_step x oversample prompts), and the step keeps at most prompts_per_step groups. Decoding on CPU
+    is bound by reading the weights, so a larger batch costs little more time than a small one."""
     overlong_buffer: int = 0
     """DAPO's soft overlong punishment: over the last this many tokens before sampling.max_new_tokens the reward
     falls linearly by up to overlong_penalty (0: off)."""
@@ -528,9 +537,10 @@ class AlgorithmConfig:
         if self.clip_eps_high is not None and self.clip_eps_high <= 0:
             raise ConfigError(f"algorithm.clip_eps_high: expected a float > 0 (or null), got {self.clip_eps_high}")
         if self.dynamic_sampling and not self.grouped:
-            raise ConfigError(f"algorithm.dynamic_sampling: {self.name} has no prompt groups to drop; use one of "
-                              f"{', '.join(sorted(GROUPED_ALGORITHMS))}")
+            raise ConfigError(f"algorithm.dynamic_sampling: {self.name} has no prompt groups to drop; set "
+                              f"algorithm.dynamic_sampling=false or use one of {', '.join(sorted(GROUPED_ALGORITHMS))}")
         require_at_least("algorithm.max_sampling_rounds", self.max_sampling_rounds, 0)
+        require_at_least("algorithm.oversample", self.oversample, 1)
         require_at_least("algorithm.norm_tokens", self.norm_tokens, 0)
         require_at_least("algorithm.overlong_buffer", self.overlong_buffer, 0)
         if self.overlong_penalty < 0:

@@ -192,7 +192,10 @@ def test_shipped_ppo_configs_load_and_the_default_matches():
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["algorithm.name=grpo"], "sampling.n: grpo compares responses to the same prompt"),
+        (["algorithm.dynamic_sampling=false", "sampling.n=1"], "sampling.n: grpo compares responses to the same prompt"),
+        (["algorithm.name=ppo"], "ppo has no prompt groups to drop; set algorithm.dynamic_sampling=false"),
+        (["reward.components=[{name: judge, kind: judge, weight: 1.0}]"],
+         "algorithm.dynamic_sampling_by: 'lexicon' is neither \"reward\" nor a reward component (judge)"),
         (["algorithm.minibatch_size=6"], "must be a multiple of learner.micro_batch_size"),
         (["sampling.temperature=0"], "training samples need a temperature > 0"),
         (["learner.zero_stage=4"], "learner.zero_stage: expected 0, 1, 2 or 3"),
@@ -245,11 +248,12 @@ def test_sft_and_reward_model_gpu_profiles_and_cross_field_rules():
 
 def test_where_the_kl_goes_and_its_estimator_default_per_algorithm():
     job = load_job("ppo.py")
-    for overrides, in_loss, estimator in ((["algorithm.name=ppo"], False, "k1"),
+    for overrides, in_loss, estimator in ((["algorithm.name=ppo", "algorithm.dynamic_sampling=false"], False, "k1"),
                                           (["algorithm.name=rloo", "sampling.n=2"], False, "k1"),
                                           (["algorithm.name=rloo", "sampling.n=2", "algorithm.kl_in=loss"], True, "k3"),
                                           (["algorithm.name=grpo", "sampling.n=2"], True, "k3"),
-                                          (["algorithm.kl_in=reward", "algorithm.kl_estimator=k3"], False, "k3")):
+                                          (["algorithm.name=rloo", "algorithm.kl_in=reward",
+                                            "algorithm.kl_estimator=k3"], False, "k3")):
         algo = C.load_config(job.PPOJobConfig, None, overrides).algorithm
         assert (algo.kl_in_loss, algo.estimator) == (in_loss, estimator), overrides
 

@@ -16,7 +16,8 @@ ROLES = ("learner", "rollout", "judge")  # each node's custom resource is named 
 PLACED = ["learner.resources_per_worker.learner=1", "engine.resources.rollout=1",
           "reward.judge.engine.resources.judge=1"]
 SMALL = ["trainer.total_steps=2", "trainer.prompts_per_step=4", "sampling.max_new_tokens=24", "heldout.enabled=false",
-         "algorithm.name=dr_grpo", "sampling.n=2", "algorithm.minibatch_size=8", "trainer.checkpoint_every=2"]
+         "algorithm.name=dr_grpo", "sampling.n=2", "algorithm.dynamic_sampling=false", "algorithm.minibatch_size=8",
+         "trainer.checkpoint_every=2"]
 
 
 CLUSTER = """

@@ -22,8 +22,11 @@ from rayalign.learner.checkpoints import checkpoint_steps
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["trainer.prompts_per_step=4", "sampling.max_new_tokens=32", "tracking.sample_every=1",
-         "heldout.enabled=false"]  # the held-out report at the end runs in the first test only
+# PPO on 4 prompts a step (not the default's group filter, whose steps may all tie on the rule at 32 tokens and
+# make no update): the held-out report at the end runs in the first test only
+SMALL = ["algorithm.name=ppo", "sampling.n=1", "algorithm.dynamic_sampling=false", "algorithm.minibatch_size=8",
+         "learner.lr=5e-5", "trainer.prompts_per_step=4", "sampling.max_new_tokens=32", "tracking.sample_every=1",
+         "heldout.enabled=false"]
 CONSOLE_LINES = 45  # what two default steps with a 6-prompt held-out report may print (vLLM, Ray, ... go to the log)
 # Dr. GRPO groups of 2, the KL in the loss (its default), one minibatch: the learner's single-pass step; with
 # DAPO's clip-higher and its overlong punishment over the last 8 of 32 tokens

@@ -84,6 +84,7 @@ def test_reward_model_learns_resumes_exactly_and_replaces_the_judge_in_ppo(tmp_p
 
     ppo = run_job("ppo.py", "--config", str(ROOT / "jobs" / "configs" / "ppo_reward_model.yaml"),
                   f"reward.components.0.model={merged}", "trainer.total_steps=1", "trainer.prompts_per_step=4",
+                  "algorithm.name=ppo", "sampling.n=1", "algorithm.dynamic_sampling=false", "sampling.max_new_tokens=64",
                   "heldout.enabled=false", cwd=tmp_path, timeout=1200)
     assert ppo.returncode == 0, ppo.stderr[-4000:]
     client, runs = _runs(tmp_path, "rayalign-ppo")

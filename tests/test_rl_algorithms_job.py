@@ -15,6 +15,7 @@ from conftest import run_job
 pytestmark = pytest.mark.slow
 
 TINY = ["trainer.total_steps=2", "trainer.checkpoint_every=0", "sampling.max_new_tokens=24", "sampling.n=2",
+        "algorithm.dynamic_sampling=false",
         "heldout.enabled=false",
         "tracking.sample_every=1", "reward.components=[{name: lexicon, kind: rule, weight: 1.0, "
         "rule: vegetarian_lexicon}]"]
@@ -23,7 +24,7 @@ CASES = {
     "reinforce_pp_baseline": (["trainer.prompts_per_step=2", "algorithm.minibatch_size=4",
                                "algorithm.loss_agg=seq_mean"], ["train/policy_loss", "kl"]),
     "gspo": (["trainer.prompts_per_step=4", "algorithm.minibatch_size=8", "algorithm.dynamic_sampling=true",
-              "algorithm.max_sampling_rounds=2"],
+              "algorithm.dynamic_sampling_by=lexicon", "algorithm.oversample=2", "algorithm.max_sampling_rounds=2"],
              ["dynamic_sampling/tied_groups", "dynamic_sampling/rounds", "dynamic_sampling/groups_short"]),
 }
 

@@ -166,6 +166,7 @@ def test_clipped_policy_gradient_reports_the_tis_cap_and_the_clip_sides():
     ({"clip_eps_high": 0.0}, "clip_eps_high: expected a float > 0"),
     ({"tis_cap": 0.5}, "tis_cap: expected a float >= 1"),
     ({"overlong_penalty": -1.0}, "overlong_penalty: expected a float >= 0"),
+    ({"name": "grpo", "dynamic_sampling": True, "oversample": 0}, "oversample: expected an int >= 1"),
 ])
 def test_nonsense_combinations_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -180,6 +181,9 @@ def test_job_level_rules():
             algorithm=AlgorithmConfig(name="grpo", dynamic_sampling=True), sampling=dataclasses.replace(base.sampling, n=1)),
         "dr_grpo compares responses to the same prompt": dict(
             algorithm=AlgorithmConfig(name="dr_grpo"), sampling=dataclasses.replace(base.sampling, n=1)),
+        "dynamic_sampling_by: 'rule' is neither \"reward\" nor a reward component \\(judge, lexicon\\)": dict(
+            algorithm=AlgorithmConfig(name="grpo", dynamic_sampling=True, dynamic_sampling_by="rule"),
+            sampling=dataclasses.replace(base.sampling, n=4)),
         "overlong_buffer .* must be below sampling.max_new_tokens": dict(
             algorithm=AlgorithmConfig(overlong_buffer=base.sampling.max_new_tokens)),
     }
@@ -192,38 +196,83 @@ def test_job_level_rules():
 class _Judged:
     reward: float
     ok: bool = True
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class _Rollout:
+    prompt: str
+    response: str
+
+
+def _dynamic_sampling(*args):
+    return load_job("ppo.py").dynamic_sampling(*args)
 
 
 def test_dynamic_sampling_drops_ties_and_refills_up_to_a_bound():
     # two groups of 2: the first ties (no signal), the second does not; each refill round brings one group
-    refills = {1: [_Judged(1.0), _Judged(1.0)], 2: [_Judged(0.0), _Judged(1.0)], 3: [_Judged(0.2), _Judged(0.8)]}
+    scores = {"a": 0.5, "b": 0.5, "c": 0.0, "d": 1.0, "r1a": 1.0, "r1b": 1.0, "r2a": 0.0, "r2b": 1.0,
+              "r3a": 0.2, "r3b": 0.8}
     asked = []
 
     def generate(k, round_):
         asked.append((k, round_))
         return [f"r{round_}a", f"r{round_}b"]
 
-    def judge(rollouts):
-        return refills[int(rollouts[0][1])]
+    def judge(rollouts, known=None):
+        assert known is None  # the reward's own ties: everything is judged
+        return [_Judged(scores[r]) if scores[r] >= 0 else _Judged(None, ok=False, error="bad") for r in rollouts]
 
     times: dict[str, float] = {}
-    rollouts, judgements, counts = load_job("ppo.py").dynamic_sampling(
-        ["a", "b", "c", "d"], [_Judged(0.5), _Judged(0.5), _Judged(0.0), _Judged(1.0)], 2, 2, 3, generate, judge,
-        times)
+    rollouts, judgements, counts, error = _dynamic_sampling(["a", "b", "c", "d"], 2, 2, 3, generate, judge, None, 1,
+                                                            times)
     # round 1 refills a tied group again, round 2 brings a useful one: two groups, the first round's dropped too
-    assert rollouts == ["c", "d", "r2a", "r2b"] and asked == [(1, 1), (1, 2)]
-    assert counts == {"tied_groups": 2.0, "rounds": 2.0, "judge/failures": 0.0, "groups_short": 0.0}
+    assert rollouts == ["c", "d", "r2a", "r2b"] and asked == [(1, 1), (1, 2)] and error is None
+    assert counts == {"groups": 4.0, "tied_groups": 2.0, "judged": 8.0, "judge/failures": 0.0, "rounds": 2.0,
+                      "groups_short": 0.0}
     assert times["time/generate"] >= 0 and times["time/judge"] >= 0
 
-    # a bound of one round, every refill tied: the step trains on what it has and says how many groups it lacks
-    refills[1] = [_Judged(1.0), _Judged(1.0)]
+    # a bound of one round, every refill tied, three times the missing groups asked for: the step trains on what
+    # it has and says how many groups it lacks
+    scores["r1a"] = scores["r1b"] = 1.0
     asked.clear()
-    rollouts, _, counts = load_job("ppo.py").dynamic_sampling(
-        ["a", "b", "c", "d"], [_Judged(0.5), _Judged(0.5), _Judged(0.0), _Judged(1.0)], 2, 3, 1, generate, judge, {})
-    assert rollouts == ["c", "d"] and asked == [(2, 1)] and counts["groups_short"] == 2.0
+    rollouts, _, counts, _ = _dynamic_sampling(["a", "b", "c", "d"], 2, 3, 1, generate, judge, None, 3, {})
+    assert rollouts == ["c", "d"] and asked == [(6, 1)] and counts["groups_short"] == 2.0
 
     # a refill whose judgements fail is dropped and counted, never scored
-    refills[1] = [_Judged(0.0, ok=False), _Judged(1.0)]
-    rollouts, _, counts = load_job("ppo.py").dynamic_sampling(
-        ["c", "d"], [_Judged(0.0), _Judged(1.0)], 2, 2, 1, generate, judge, {})
+    scores["r1a"] = -1.0
+    rollouts, _, counts, error = _dynamic_sampling(["c", "d"], 2, 2, 1, generate, judge, None, 1, {})
     assert rollouts == ["c", "d"] and counts["judge/failures"] == 1.0 and counts["groups_short"] == 1.0
+    assert error == "bad"
+
+
+def test_dynamic_sampling_by_a_component_judges_only_the_groups_it_keeps():
+    # three groups of 2: the rule ties on the first, differs on the second and third; one group is wanted
+    rollouts = [_Rollout(f"p{i // 2}", text) for i, text in enumerate(["ok", "ok", "meat", "ok", "ok", "fish"])]
+    rule_calls, judged = [], []
+
+    def rule(prompts, responses):
+        rule_calls.append(list(responses))
+        return [_Judged(0.0 if r in ("meat", "fish") else 1.0) for r in responses]
+
+    def judge(rs, known=None):
+        judged.append(([r.response for r in rs], [j.reward for j in known["lexicon"]]))
+        return [_Judged(j.reward + 0.5) for j in known["lexicon"]]
+
+    kept, judgements, counts, error = _dynamic_sampling(rollouts, 2, 1, 3, None, judge, ("lexicon", rule), 4, {})
+    # the first untied group alone goes to the judge, with the rule's scores to reuse; no refill was needed
+    assert [r.response for r in kept] == ["meat", "ok"] and [j.reward for j in judgements] == [0.5, 1.5]
+    assert judged == [(["meat", "ok"], [0.0, 1.0])] and len(rule_calls) == 1 and error is None
+    assert counts == {"groups": 3.0, "tied_groups": 1.0, "judged": 2.0, "judge/failures": 0.0, "rounds": 0.0,
+                      "groups_short": 0.0}
+
+    # every group ties on the rule: the judge is never called, and a refill of oversample x missing is asked
+    asked = []
+
+    def generate(k, round_):
+        asked.append(k)
+        return [_Rollout("q", "ok"), _Rollout("q", "ok")]
+
+    judged.clear()
+    kept, _, counts, _ = _dynamic_sampling(rollouts[:2], 2, 1, 1, generate, judge, ("lexicon", rule), 4, {})
+    assert kept == [] and judged == [] and asked == [4] and counts["groups_short"] == 1.0

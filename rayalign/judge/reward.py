@@ -63,9 +63,21 @@ class CompositeReward:
     def __init__(self, parts: Sequence[tuple[str, float, RewardFunction]]):
         self.parts = list(parts)
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
-        per_part = [(name, weight, fn(prompts, responses)) for name, weight, fn in self.parts]
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 known: dict[str, list[Judgement]] | None = None) -> list[Judgement]:
+        """One combined judgement per sample; ``known`` holds components already scored on these samples (by
+        name, one judgement each), which are reused instead of scored again."""
+        known = known or {}
+        per_part = [(name, weight, known[name] if name in known else fn(prompts, responses))
+                    for name, weight, fn in self.parts]
         return [combine([(name, weight, js[i]) for name, weight, js in per_part]) for i in range(len(prompts))]
+
+    def part(self, name: str) -> RewardFunction:
+        """The component called ``name`` on its own (KeyError naming the known ones when there is none)."""
+        for part_name, _, fn in self.parts:
+            if part_name == name:
+                return fn
+        raise KeyError(f"no reward component '{name}' (known: {', '.join(n for n, _, _ in self.parts)})")
 
     def start(self) -> None:
         """Start the components that load something (the judge) without waiting for them; `wait_started` waits.
