@@ -2,7 +2,8 @@
 
 Both sides train the same model (the embedded SmolLM2-135M unless --model) with the same LoRA adapter (rank 16,
 alpha 32, dropout 0, on q/k/v/o/gate/up/down), lr 5e-5, the k3 KL estimate in the loss with coefficient 0.05
-(TRL: beta=0.05, so it too computes reference logprobs, with the adapter disabled), on the same prompts (the
+(TRL: beta=0.05, so it too computes reference logprobs, with the adapter disabled; --kl-coef 0: neither side runs
+a reference, TRL's own default), on the same prompts (the
 ones rayalign's step k trains on, fed to TRL in that order as chat messages, so both use the chat template),
 rewarded by the same rule
 (`vegetarian_lexicon`), with one optimizer step per RL step of --prompts x --generations completions in
@@ -19,7 +20,7 @@ Step times are the mean over steps 2..N (step 1 includes warm-up), so --steps mu
 Last stdout line: one JSON object with the figures and
   ratios.step_time_vs_trl   rayalign step seconds / TRL step seconds (target <= 0.5)
 
-    python benchmarks/vs_trl.py [--steps 3] [--prompts 4] [--generations 4] [--max-new-tokens 64]
+    python benchmarks/vs_trl.py [--steps 3] [--prompts 4] [--generations 4] [--max-new-tokens 64] [--kl-coef 0.05]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from harness import run_logged  # noqa: E402  (benchmarks/harness.py, beside thi
 
 LORA_RANK, LORA_ALPHA = 16, 32
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LR, KL_COEF, TEMPERATURE, MICRO_BATCH, SEED = 5e-5, 0.05, 1.0, 4, 0
+LR, TEMPERATURE, MICRO_BATCH, SEED = 5e-5, 1.0, 4, 0
 RULE = "vegetarian_lexicon"
 PHASES = ("generate", "judge", "logprobs", "train", "sync")
 
@@ -66,7 +67,7 @@ def bench_rayalign(args, workdir: Path) -> dict[str, float]:
            "algorithm.dynamic_sampling=false", f"sampling.n={args.generations}", f"trainer.prompts_per_step={args.prompts}",
            f"sampling.max_new_tokens={args.max_new_tokens}", "sampling.ignore_eos=true",
            f"sampling.temperature={TEMPERATURE}", f"algorithm.minibatch_size={args.prompts * args.generations}",
-           f"learner.micro_batch_size={MICRO_BATCH}", "algorithm.kl_in=loss", f"algorithm.kl_coef={KL_COEF}",
+           f"learner.micro_batch_size={MICRO_BATCH}", "algorithm.kl_in=loss", f"algorithm.kl_coef={args.kl_coef}",
            f"lora.rank={LORA_RANK}", f"lora.alpha={LORA_ALPHA}", f"learner.lr={LR}", f"trainer.seed={SEED}",
            f"trainer.total_steps={args.steps}", "trainer.checkpoint_every=0",
            f"reward.components=[{{name: lexicon, kind: rule, weight: 1.0, rule: {RULE}}}]",
@@ -123,7 +124,7 @@ def trl_worker(args, out_path: Path) -> None:
         num_generations=args.generations,  # -> generation_batch_size = 16 = one optimizer step's completions
         max_completion_length=args.max_new_tokens, temperature=TEMPERATURE, top_p=1.0,
         generation_kwargs={"min_new_tokens": args.max_new_tokens},  # fixed length: EOS suppressed until N tokens
-        learning_rate=LR, beta=KL_COEF, gradient_checkpointing=False, shuffle_dataset=False, seed=SEED,
+        learning_rate=LR, beta=args.kl_coef, gradient_checkpointing=False, shuffle_dataset=False, seed=SEED,
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -196,7 +197,7 @@ def bench_trl(args, workdir: Path) -> dict:
     out = workdir / "trl.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(out), "--model", args.model,
            "--steps", str(args.steps), "--prompts", str(args.prompts), "--generations", str(args.generations),
-           "--max-new-tokens", str(args.max_new_tokens)]
+           "--max-new-tokens", str(args.max_new_tokens), "--kl-coef", str(args.kl_coef)]
     run_logged(cmd, workdir, workdir / "trl.log", "TRL GRPOTrainer")
     return json.loads(out.read_text())
 
@@ -208,6 +209,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--generations", type=int, default=4, help="responses per prompt (the GRPO group)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per response (fixed length)")
+    parser.add_argument("--kl-coef", type=float, default=0.05,
+                        help="KL coefficient, both sides (0: neither keeps nor runs a reference, TRL's default)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, MLflow store)")
     parser.add_argument("--trl-worker", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -249,7 +252,7 @@ def main() -> None:
                    "prompts": args.prompts, "generations": args.generations,
                    "completions_per_step": args.prompts * args.generations, "micro_batch": MICRO_BATCH,
                    "max_new_tokens": args.max_new_tokens, "fixed_length": True, "temperature": TEMPERATURE,
-                   "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA, "lr": LR, "kl_coef": KL_COEF, "reward": RULE,
+                   "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA, "lr": LR, "kl_coef": args.kl_coef, "reward": RULE,
                    "trl_version": trl.__version__, "cpu_count": os.cpu_count(),
                    "load_average_1m": {k: round(v, 2) for k, v in load.items()}},
         "rayalign": {"step_seconds": r3(ray_res["step_seconds"]), **{p: r3(ray_res[p]) for p in PHASES},

@@ -373,7 +373,9 @@ def train(cfg: PPOJobConfig, run: tuple, console) -> int:
             else:
                 adv = rl.advantages(algo, scores, mask, old["logprobs"], old["ref_logprobs"], old["values"],
                                     kl_ctl.value, group)
-                batch.update(logprobs=old["logprobs"], ref_logprobs=old["ref_logprobs"])
+                batch["logprobs"] = old["logprobs"]
+                if old["ref_logprobs"] is not None:  # None: a KL coefficient of 0 runs no reference
+                    batch["ref_logprobs"] = old["ref_logprobs"]
                 if old["values"] is not None:
                     batch.update(values=old["values"], returns=adv["returns"])
             batch["advantages"] = adv["advantages"]
@@ -386,11 +388,13 @@ def train(cfg: PPOJobConfig, run: tuple, console) -> int:
                 state["version"] += 1
                 synced = engines.update(state["version"], learner)
 
-            kl = rl.sequence_kl(rl.token_kl(algo, old["logprobs"], old["ref_logprobs"], mask), mask)
-            # >= 0, for the charts
-            kl_k3 = rl.sequence_kl(kl_estimate(old["logprobs"], old["ref_logprobs"], "k3", mask), mask)
-            kl_used = kl_ctl.value
-            kl_ctl.update(kl, len(rollouts))
+            kl_used, kl = kl_ctl.value, None  # None: no reference was run (algorithm.kl_coef 0), nothing to measure
+            if old["ref_logprobs"] is not None:
+                kl = rl.sequence_kl(rl.token_kl(algo, old["logprobs"], old["ref_logprobs"], mask), mask)
+                # >= 0, for the charts
+                metrics.update({"kl": kl, "kl/k3": rl.sequence_kl(kl_estimate(old["logprobs"], old["ref_logprobs"],
+                                                                              "k3", mask), mask)})
+                kl_ctl.update(kl, len(rollouts))
             rewards = [j.reward for j in judgements]
             lengths = [len(r.response_token_ids) for r in rollouts]
             times["time/step"] = time.perf_counter() - t_step
@@ -398,7 +402,7 @@ def train(cfg: PPOJobConfig, run: tuple, console) -> int:
                 "reward/mean": statistics.fmean(rewards), "reward/std": statistics.pstdev(rewards),
                 "score/mean": statistics.fmean(j.score for j in judgements),
                 "score/std": statistics.pstdev(j.score for j in judgements),
-                "kl": kl, "kl/k3": kl_k3, "kl_coef": kl_used, "response_length/mean": statistics.fmean(lengths),
+                "kl_coef": kl_used, "response_length/mean": statistics.fmean(lengths),
                 "tokens_per_second": sum(lengths) / times["time/generate"],
                 "rollout/logprob_diff": rl.token_mean((old["logprobs"] - batch["engine_logprobs"]).abs(), mask),
                 "sync/bytes": synced.sent_bytes, "sync/copied_bytes": sum(synced.copied_bytes),
@@ -414,9 +418,10 @@ def train(cfg: PPOJobConfig, run: tuple, console) -> int:
             groups = (f" | groups: {len(rollouts) // group} trained, {int(metrics['dynamic_sampling/tied_groups'])} "
                       f"of {int(metrics['dynamic_sampling/groups'])} tied on the {algo.dynamic_sampling_by}"
                       if algo.dynamic_sampling else "")
-            log.info("step %d/%d reward %.3f (score %.3f) kl %.4f loss %.4f | %.0fs: generate %.1f judge %.1f "
+            log.info("step %d/%d reward %.3f (score %.3f) kl %s loss %.4f | %.0fs: generate %.1f judge %.1f "
                      "logprobs %.1f train %.1f sync %.1f%s | %s", step, trainer.total_steps, metrics["reward/mean"],
-                     metrics["score/mean"], kl, stats.get("policy_loss", float("nan")), times["time/step"],
+                     metrics["score/mean"], "n/a" if kl is None else f"{kl:.4f}",
+                     stats.get("policy_loss", float("nan")), times["time/step"],
                      times["time/generate"], times["time/judge"], times["time/logprobs"], times["time/train"],
                      times["time/sync"], groups, f"ETA {left / 60:.1f} min" if step < trainer.total_steps else "done")
             if step % cfg.tracking.sample_every == 0 or step == 1:
@@ -450,8 +455,9 @@ def train(cfg: PPOJobConfig, run: tuple, console) -> int:
     history = state["history"]
     if history:
         first, last = history[0], history[-1]
+        kl_text = "not measured (algorithm.kl_coef 0: no reference)" if last["kl"] is None else f"{last['kl']:.4f}"
         print(f"\nreward {first['reward']:.3f} -> {last['reward']:.3f} (score {first['score']:.3f} -> "
-              f"{last['score']:.3f}), KL {last['kl']:.4f} after {trainer.total_steps} steps ({algo.name}, "
+              f"{last['score']:.3f}), KL {kl_text} after {trainer.total_steps} steps ({algo.name}, "
               f"{cfg.learner.finetune}); judge failures {judge_failures_total}", file=console.out)
     if heldout is not None:
         print(f"\nheld-out: {heldout['data']['prompts']} prompts from {held.prompts}, greedy, at most "
@@ -605,7 +611,8 @@ def _log_curves(tracker, history: list[dict[str, float]]) -> None:
     ax_r.plot(steps, [h["score"] for h in history], marker=".", label="score")
     ax_r.set(xlabel="step", title="reward / score (mean)")
     ax_r.legend()
-    ax_k.plot(steps, [h["kl"] for h in history], marker="o", color="tab:red")
+    kls = [float("nan") if h["kl"] is None else h["kl"] for h in history]  # None: no reference (kl_coef 0)
+    ax_k.plot(steps, kls, marker="o", color="tab:red")
     ax_k.set(xlabel="step", title="KL(policy || reference) per sequence")
     fig.tight_layout()
     tracker.log_figure(fig, "curves.png")

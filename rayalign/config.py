@@ -484,7 +484,9 @@ class AlgorithmConfig:
     lam: float = 0.95
     """GAE lambda (ppo)."""
     kl_coef: float = 0.05
-    """KL(policy || reference) coefficient (the start value when kl_target is set)."""
+    """KL(policy || reference) coefficient (the start value when kl_target is set). 0 (TRL's GRPO default): the
+    learner keeps no reference and runs no reference pass, and the job reports no KL (there is nothing to measure
+    it against)."""
     kl_target: float | None = None
     """Adaptive KL controller target (Ziegler et al.); null keeps kl_coef fixed."""
     kl_horizon: int = 10000
@@ -552,6 +554,9 @@ class AlgorithmConfig:
             raise ConfigError("algorithm.clip_eps and algorithm.value_clip_eps must be > 0")
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise ConfigError("algorithm.kl_coef must be >= 0 and algorithm.kl_target > 0 (or null)")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ConfigError("algorithm.kl_target needs algorithm.kl_coef > 0 (an adaptive coefficient that starts "
+                              "at 0 stays 0)")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError("algorithm.gamma and algorithm.lam must be in [0, 1]")
 

@@ -256,6 +256,9 @@ def test_where_the_kl_goes_and_its_estimator_default_per_algorithm():
                                             "algorithm.kl_estimator=k3"], False, "k3")):
         algo = C.load_config(job.PPOJobConfig, None, overrides).algorithm
         assert (algo.kl_in_loss, algo.estimator) == (in_loss, estimator), overrides
+    # an adaptive coefficient that starts at 0 stays there: refused rather than a target that never acts
+    with pytest.raises(C.ConfigError, match="kl_target needs algorithm.kl_coef > 0"):
+        C.load_config(job.PPOJobConfig, None, ["algorithm.kl_coef=0", "algorithm.kl_target=3"])
 
 
 def test_overrides_keep_the_jobs_own_section_defaults():

@@ -69,6 +69,35 @@ def test_single_pass_step_sees_what_the_separate_pass_sees(local_ray, model_path
     assert stats["kl_loss"] > 0
 
 
+def test_no_kl_keeps_no_reference(local_ray, model_path, tmp_path):
+    """A KL coefficient of 0: a full finetune keeps no frozen copy, and neither pass computes reference logprobs
+    (None, never zeros standing in for them); the step still trains."""
+    import ray
+
+    from rayalign.learner.batch import minibatch_plan, pad_rollouts
+    from rayalign.learner.group import Learner
+
+    algo = AlgorithmConfig(name="grpo", kl_in="loss", kl_coef=0.0, minibatch_size=4)
+    learner = Learner(model_path, learner=LearnerConfig(finetune="full", micro_batch_size=2, lr=1e-4),
+                      lora=LoraConfig(), algorithm=algo, storage_path=str(tmp_path), run_name="no-kl", seed=0)
+    try:
+        info = learner.setup()
+        assert info["reference_params_on_rank"] == 0 and info["trainable_params"] == info["params"]
+        batch = pad_rollouts(_rollouts(model_path))
+        batch["advantages"] = torch.tensor([[1.0], [-1.0], [0.5]]) * batch["response_mask"]
+        before = learner.forward(ray.put(batch), 3, 1.0)
+        assert before["ref_logprobs"] is None and before["logprobs"].shape == batch["response_mask"].shape
+        stats, seen = learner.train(ray.put(batch), minibatch_plan(3, 4, 1, 2, 1, torch.Generator().manual_seed(0)),
+                                    1.0, 0.0, single_pass=True)
+        after = learner.forward(ray.put(batch), 3, 1.0)
+    finally:
+        learner.shutdown()
+    mask = batch["response_mask"].bool()
+    assert seen["ref_logprobs"] is None and "kl_loss" not in stats and stats["optimizer_steps"] == 1
+    assert torch.allclose(seen["logprobs"][mask], before["logprobs"][mask], atol=1e-4)  # the pass before the step
+    assert (after["logprobs"] - before["logprobs"])[mask].abs().max() > 1e-3  # and the step moved the policy
+
+
 def _hf_logprobs(model, rollouts: list[Rollout]) -> list[torch.Tensor]:
     """Each rollout's response-token logprobs under ``model`` (plain HF, temperature 1), one sequence at a time."""
     out = []

@@ -102,6 +102,12 @@ def test_grpo_and_rloo_advantages_by_hand():
     assert rl.needs_logprobs(AlgorithmConfig(name="ppo", kl_in="loss"))
     with pytest.raises(ValueError, match="needs the old-policy and reference logprobs"):
         rl.advantages(AlgorithmConfig(name="rloo", kl_in="reward"), scores, mask, None, None, None, 1.0, 2)
+    # a KL coefficient of 0 runs no reference: the KL in the reward is then 0, not an error
+    no_ref = rl.advantages(AlgorithmConfig(name="rloo", kl_in="reward", kl_coef=0.0), scores, mask, logprobs, None,
+                           None, 0.0, 2)
+    assert torch.equal(no_ref["advantages"], rloo["advantages"])
+    with pytest.raises(ValueError, match="needs the old-policy and reference logprobs"):
+        rl.advantages(AlgorithmConfig(name="rloo", kl_in="reward"), scores, mask, logprobs, None, None, 1.0, 2)
 
 
 def test_ppo_advantages_use_the_values_and_shaped_rewards():
@@ -112,6 +118,11 @@ def test_ppo_advantages_use_the_values_and_shaped_rewards():
     # token rewards: [-0.5*0.2, 1.0]; with gamma = lam = 1 the advantage is the reward-to-go minus V
     assert torch.allclose(out["advantages"], torch.tensor([[0.9 - 0.5, 1.0 - 0.25, 0.0]]))
     assert torch.allclose(out["returns"], torch.tensor([[0.9, 1.0, 0.0]]))
+    # no reference (KL coefficient 0): the shaped rewards are the score alone
+    no_ref = rl.advantages(AlgorithmConfig(name="ppo", whiten_advantages=False, gamma=1.0, lam=1.0, kl_in="reward",
+                                           kl_coef=0.0), torch.tensor([1.0]), mask, torch.tensor([[0.2, 0.0, 0.0]]),
+                           None, values, 0.0, 1)
+    assert torch.allclose(no_ref["advantages"], torch.tensor([[1.0 - 0.5, 1.0 - 0.25, 0.0]]))
     with pytest.raises(ValueError, match="value head"):
         rl.advantages(AlgorithmConfig(name="ppo"), torch.tensor([1.0]), mask, values, values, None, 0.5, 1)
 

@@ -49,6 +49,12 @@ def test_objectives_are_picked_by_name():
     assert [OBJECTIVES[n].rows_per_example for n in ("dpo", "ipo", "simpo", "kto")] == [2, 2, 2, 1]
     assert not OBJECTIVES["simpo"].needs_reference and OBJECTIVES["dpo"].needs_reference
     assert objective("grpo") is OBJECTIVES["grpo"]
+    # the policy-gradient objectives' reference serves the KL alone: none at a KL coefficient of 0
+    for name in ("ppo", "grpo", "rloo", "gspo"):
+        assert OBJECTIVES[name].uses_reference(AlgorithmConfig(name=name))
+        assert not OBJECTIVES[name].uses_reference(AlgorithmConfig(name=name, kl_coef=0.0))
+    assert OBJECTIVES["dpo"].uses_reference(AlgorithmConfig(kl_coef=0.0))
+    assert not OBJECTIVES["simpo"].uses_reference(AlgorithmConfig())
     assert (OBJECTIVES["sft"].head, OBJECTIVES["sft"].needs_reference, OBJECTIVES["sft"].rows_per_example) == (
         "lm", False, 1)
     assert (OBJECTIVES["reward_model"].head, OBJECTIVES["reward_model"].needs_reference) == ("classifier", False)

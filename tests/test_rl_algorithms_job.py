@@ -23,8 +23,10 @@ TINY = ["trainer.total_steps=2", "trainer.checkpoint_every=0", "sampling.max_new
 CASES = {
     "reinforce_pp_baseline": (["trainer.prompts_per_step=2", "algorithm.minibatch_size=4",
                                "algorithm.loss_agg=seq_mean"], ["train/policy_loss", "kl"]),
+    # DAPO-style: no KL, so no reference model and no reference pass
     "gspo": (["trainer.prompts_per_step=4", "algorithm.minibatch_size=8", "algorithm.dynamic_sampling=true",
-              "algorithm.dynamic_sampling_by=lexicon", "algorithm.oversample=2", "algorithm.max_sampling_rounds=2"],
+              "algorithm.dynamic_sampling_by=lexicon", "algorithm.oversample=2", "algorithm.max_sampling_rounds=2",
+              "algorithm.kl_coef=0"],
              ["dynamic_sampling/tied_groups", "dynamic_sampling/rounds", "dynamic_sampling/groups_short"]),
 }
 
@@ -50,6 +52,10 @@ def test_two_steps(tmp_path, name):
     for key, values in history.items():
         assert sorted(values) == [1, 2], (key, values)
     if name == "gspo":
+        # a KL coefficient of 0 runs no reference: no KL is reported rather than a made-up 0
+        assert not client.get_metric_history(run.info.run_id, "kl")
+        if "\nreward " in result.stdout:  # the summary of a run that trained (every group may tie, and then not)
+            assert "KL not measured (algorithm.kl_coef 0: no reference)" in result.stdout, result.stdout[-2000:]
         # dynamic sampling kept only groups whose two rewards differ (ties carry no GSPO signal)
         for step in (1, 2):
             try:

@@ -51,6 +51,14 @@ class Objective:
     loss: LossFn
     settings: Callable[[Any, float], Any]
     """(the job's algorithm section, this step's KL coefficient) -> the ``settings`` its loss takes."""
+    reference_for_kl: bool = False
+    """The reference serves only the KL term (the policy-gradient objectives): with a KL coefficient of 0 the
+    learner neither keeps nor runs one."""
+
+    def uses_reference(self, algo: Any) -> bool:
+        """Whether the learner keeps and runs a reference model for this objective under ``algo`` (the job's
+        algorithm section)."""
+        return self.needs_reference and not (self.reference_for_kl and algo.kl_coef == 0)
 
 
 def token_share(normaliser: float, minibatch_normaliser: float, accumulation: int, world_size: int) -> float:
@@ -150,7 +158,7 @@ def clipped_policy_gradient(outputs: Outputs, mb: dict[str, torch.Tensor],
 def _policy_gradient(name: str, head: Literal["lm", "lm+value"]) -> Objective:
     return Objective(name=name, head=head, rows_per_example=1, needs_reference=True,
                      row_weights=policy_gradient_units, loss=clipped_policy_gradient,
-                     settings=PolicyGradientSettings.from_algorithm)
+                     settings=PolicyGradientSettings.from_algorithm, reference_for_kl=True)
 
 
 # -- offline preferences ------------------------------------------------------------------------------------

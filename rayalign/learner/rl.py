@@ -21,9 +21,12 @@ def needs_logprobs(algo: AlgorithmConfig) -> bool:
     return algo.name == "ppo" or not algo.kl_in_loss
 
 
-def token_kl(algo: AlgorithmConfig, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+def token_kl(algo: AlgorithmConfig, logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
              mask: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(policy || reference) with the configured estimator, 0 on padding. (B, T)."""
+    """Per-token KL(policy || reference) with the configured estimator, 0 on padding. (B, T). Zeros when
+    ``ref_logprobs`` is None: the learner ran no reference because the KL coefficient is 0, so the KL term is 0."""
+    if ref_logprobs is None:
+        return torch.zeros_like(mask, dtype=torch.float32)
     return kl_estimate(logprobs, ref_logprobs, algo.estimator, mask)
 
 
@@ -35,9 +38,9 @@ def advantages(algo: AlgorithmConfig, scores: torch.Tensor, mask: torch.Tensor, 
     PPO: KL-shaped token rewards (with the KL in the reward), GAE, whitening. GRPO / RLOO: a sequence-level
     advantage from the prompt's group (``group_size`` consecutive rows), the same for every token; with
     the KL in the reward (rloo) the sequence KL is subtracted from the score first. The logprobs may be None when
-    `needs_logprobs` is false.
+    `needs_logprobs` is false, the reference's when the KL coefficient is 0 (no reference was run).
     """
-    if needs_logprobs(algo) and (logprobs is None or ref_logprobs is None):
+    if needs_logprobs(algo) and (logprobs is None or (ref_logprobs is None and kl_coef > 0)):
         raise ValueError(f"{algo.name} with the KL in the reward needs the old-policy and reference logprobs")
     if algo.name not in ESTIMATORS:
         raise ValueError(f"unknown algorithm {algo.name!r}")

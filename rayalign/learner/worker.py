@@ -31,6 +31,7 @@ class LearnerWorker:
         self.learner: LearnerConfig = spec["learner"]
         self.algo: AlgorithmConfig = spec["algorithm"]
         self.objective = objective(spec.get("objective") or self.algo.name)
+        self.uses_reference = self.objective.uses_reference(self.algo)  # none for RL with a KL coefficient of 0
         # paired objectives: each pair's prompt runs once in every forward (`rayalign.learner.shared_prompt`)
         self.shared_prompt = self.objective.rows_per_example == 2 and self.learner.shared_prompt
         ctx = ray.train.get_context()
@@ -45,7 +46,7 @@ class LearnerWorker:
         torch.manual_seed(spec["seed"] + self.rank)
         self.model = build(spec["model_path"], self.learner, spec["lora"], self.algo.minibatch_size, self.world,
                              head=self.objective.head,
-                             with_reference=self.objective.needs_reference)
+                             with_reference=self.uses_reference)
         self.device = self.model.device
 
     def setup(self) -> dict[str, Any]:
@@ -98,7 +99,7 @@ class LearnerWorker:
                     out["logprobs"].append(pad_to(logprobs.float().cpu(), tokens))
                     if values is not None:
                         out["values"].append(pad_to(values.cpu(), tokens))
-                if self.objective.needs_reference:
+                if self.uses_reference:
                     ref = reference_logprobs(self.model, mb, temperature, self.shared_prompt)
                     out["ref_logprobs"].append(pad_to(ref.float().cpu(), tokens))
         self.model.engine.train()
@@ -150,7 +151,7 @@ class LearnerWorker:
             minibatch_units = float(row_weights[rows].sum()) if rows else 0.0
             for micro_rows in minibatch[self.rank]:
                 mb = {k: v.to(self.device) for k, v in trim(select_rows(batch, micro_rows)).items()}
-                if single_pass and objective.needs_reference:
+                if single_pass and self.uses_reference:
                     with torch.no_grad():
                         mb["ref_logprobs"] = reference_logprobs(self.model, mb, temperature, self.shared_prompt)
                 with torch.set_grad_enabled(update):
