@@ -124,3 +124,129 @@ def test_segment_attention_gives_the_masks_logits_and_gradients(smollm):
                                 segment_spans=segment_spans(rows["segment_ids"]))
     assert (masked - spanned).abs().max().item() < 1e-4
     assert ((masked_grad - spanned_grad).norm() / masked_grad.norm()).item() < 1e-5
+
+
+# -- the RL learner's packed micro-batches (learner.packing): padded rows in, padded-layout results out -------
+
+
+def _rl_micro_batch(seed: int = 7):
+    """A trimmed RL micro-batch as the worker builds it: real chat prompts and answers (SmolLM2's tokenizer) of
+    unlike lengths, right-padded, and a -1 padding row, with advantages for the clipped surrogate."""
+    from transformers import AutoTokenizer
+
+    from rayalign.learner.batch import pad_rollouts, select_rows, trim
+    from rayalign.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    talk = [("What should I cook tonight?", "A lentil curry with rice and a little yoghurt on the side."),
+            ("Any ideas for a picnic?", "Sandwiches."),
+            ("How do I make a quick pasta sauce for two people after work?",
+             "Soften garlic in olive oil, add a tin of tomatoes, simmer ten minutes and finish with basil."),
+            ("Suggest a soup.", "Minestrone with beans, carrots and celery is hearty and cheap."),
+            ("What goes well with tofu?", "Soy sauce, ginger and spring onions.")]
+    rollouts = []
+    for question, answer in talk:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                               tokenize=False)
+        rollouts.append(_rollout(tokenizer.encode(prompt, add_special_tokens=False), tokenizer.encode(answer) + [tokenizer.eos_token_id]))
+    batch = pad_rollouts(rollouts)
+    mb = trim(select_rows(batch, [3, 0, -1, 4, 1, 2]))
+    gen = torch.Generator().manual_seed(seed)
+    mb["advantages"] = torch.randn(mb["response_mask"].shape, generator=gen) * mb["response_mask"]
+    return mb
+
+
+def _close(a, b, mask) -> float:
+    """The largest difference of two (B, T) results on the masked-in tokens, relative to the size of the value
+    (at least 1): float32 logprobs of -10 to -20 carry ~1e-6 of rounding, and the packed and padded passes run
+    differently shaped matmuls and attention kernels."""
+    return ((a - b).abs() / b.abs().clamp(min=1) * mask).max().item()
+
+
+def _packed(model, on: bool):
+    import dataclasses
+
+    return dataclasses.replace(model, packing=on)
+
+
+def test_pack_micro_batch_layout():
+    from rayalign.learner.packing import pack_micro_batch
+
+    mb = {"input_ids": torch.tensor([[1, 2, 3, 4, 0], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0]]),
+          "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]),
+          "response_start": torch.tensor([2, 3, 0]),
+          "response_mask": torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])}
+    packed = pack_micro_batch(mb)
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]  # the padding row is left out
+    assert packed["segment_ids"].tolist() == [[1, 1, 1, 1, 2, 2, 2, 2, 2]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4]]
+    # row 0's responses (tokens 3, 4) are predicted at 1, 2; its unused column clamps to its last predicting
+    # position; row 1's (8, 9) at 4 + 2, 4 + 3
+    assert packed["positions"].tolist() == [[1, 2, 2], [6, 7, 7], [0, 0, 0]]
+    alone = pack_micro_batch({k: v[2:] for k, v in mb.items()})  # a micro-batch of padding alone still runs
+    assert alone["input_ids"].shape == (1, 2) and alone["positions"].tolist() == [[0, 0, 0]]
+
+
+def test_packed_rl_logprobs_and_loss_equal_padded(smollm):
+    """learner.packing: the policy's logprobs, the clipped-surrogate loss and its gradients equal the padded
+    rows' to 1e-5 (float32; relative for the logprobs and gradients); the padding row's and unused columns'
+    results are masked out the same."""
+    from rayalign.algorithms.core import masked_mean
+    from rayalign.config import AlgorithmConfig
+    from rayalign.learner.model import forward_outputs, policy_forward
+    from rayalign.learner.objectives import PolicyGradientSettings, clipped_policy_gradient
+
+    mb = _rl_micro_batch()
+    mask = mb["response_mask"]
+    with torch.no_grad():
+        padded = policy_forward(_packed(smollm, False), mb, 0.7)[0]
+        packed = policy_forward(_packed(smollm, True), mb, 0.7)[0]
+    assert packed.shape == padded.shape
+    assert _close(packed, padded, mask) < 1e-5
+    mb["logprobs"] = padded.detach() - 0.05 * mask  # an old policy a little off, so the ratio is not 1
+    settings = PolicyGradientSettings.from_algorithm(AlgorithmConfig(name="grpo"), kl_coef=0.0)
+    lm = smollm.policy.lm
+
+    def loss_and_grads(on: bool):
+        lm.zero_grad()
+        loss, units, stats = clipped_policy_gradient(forward_outputs(_packed(smollm, on), mb, 0.7), mb, settings)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in lm.parameters() if p.grad is not None])
+        lm.zero_grad()
+        return loss.item(), units, float(stats["entropy"]), grads
+
+    loss_a, units_a, entropy_a, grads_a = loss_and_grads(False)
+    loss_b, units_b, entropy_b, grads_b = loss_and_grads(True)
+    assert units_a == units_b == float(mask.sum())
+    assert loss_b == pytest.approx(loss_a, abs=1e-5) and entropy_b == pytest.approx(entropy_a, abs=1e-4)
+    assert ((grads_a - grads_b).norm() / grads_a.norm()).item() < 1e-5
+    assert masked_mean(padded, mask).item() < 0  # real logprobs, not zeros
+
+
+def test_packed_values_and_lora_reference_equal_padded():
+    """The value head (PPO) reads the same hidden states packed; the LoRA reference (adapter off) the same
+    logprobs."""
+    from rayalign.config import LearnerConfig, LoraConfig
+    from rayalign.learner.model import TrainedModel, build_policy, policy_forward, reference_logprobs
+    from rayalign.models import resolve_model
+
+    policy = build_policy(resolve_model("smollm2-135m-instruct"), LearnerConfig(finetune="lora"), LoraConfig(),
+                          head="lm+value")
+    policy.eval()
+    policy.device = torch.device("cpu")
+    with torch.no_grad():  # the adapter away from zero, so that switching it off changes the logprobs
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    model = TrainedModel(policy, policy, None, zero3=False, finetune="lora", head="lm+value")
+    mb = _rl_micro_batch(seed=11)
+    mask = mb["response_mask"]
+    with torch.no_grad():
+        lp_a, values_a, _ = policy_forward(_packed(model, False), mb, 1.0)
+        lp_b, values_b, _ = policy_forward(_packed(model, True), mb, 1.0, with_logits=False)
+        ref_a = reference_logprobs(_packed(model, False), mb, 1.0)
+        ref_b = reference_logprobs(_packed(model, True), mb, 1.0)
+    assert _close(lp_b, lp_a, mask) < 1e-5
+    assert _close(values_b, values_a, mask) < 1e-5
+    assert _close(ref_b, ref_a, mask) < 1e-5
+    assert ((ref_a - lp_a).abs() * mask).max().item() > 1e-3  # the reference is not the adapted policy

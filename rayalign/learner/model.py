@@ -114,6 +114,8 @@ class TrainedModel:
     zero3: bool
     finetune: str
     head: str = "lm"
+    packing: bool = False
+    """Run each padded micro-batch's sequences packed into one row (`_packed_rows`; ``learner.packing``)."""
 
     @property
     def device(self) -> Any:
@@ -176,7 +178,7 @@ def build(model_path: str, learner: LearnerConfig, lora: LoraConfig, minibatch_s
                                            config=ds_config)
     if reference is not None and not zero3:
         reference.to(engine.device)  # beside the policy (on GPU; ZeRO-3's engine placed its own)
-    return TrainedModel(policy, engine, reference, zero3, learner.finetune, head)
+    return TrainedModel(policy, engine, reference, zero3, learner.finetune, head, packing=learner.packing)
 
 
 def _positions(mb: dict[str, Any], device: Any, lm: Any) -> tuple[Any, dict[str, Any], Any, int]:
@@ -224,9 +226,10 @@ def _reference_lm(model: TrainedModel):
 
 
 def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float,
-                   shared_prompt: bool = False) -> tuple[Any, Any, Any]:
-    """The policy's response logprobs (B, T), values (B, T) | None and temperature-scaled logits (B, T, V).
-    ``shared_prompt``: rows 2i and 2i + 1 share their prompt (a paired objective); it runs once (`_paired`)."""
+                   shared_prompt: bool = False, with_logits: bool = True) -> tuple[Any, Any, Any]:
+    """The policy's response logprobs (B, T), values (B, T) | None and temperature-scaled logits (B, T, V)
+    (None unless ``with_logits``, where the path can skip them). ``shared_prompt``: rows 2i and 2i + 1 share
+    their prompt (a paired objective); it runs once (`_paired`)."""
     from rayalign.learner.batch import gather_response, token_logprobs
 
     if model.policy.value_head is None and _paired(model, mb, shared_prompt):
@@ -238,6 +241,8 @@ def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float,
         return logprobs, None, selected
     if "segment_ids" in mb and model.policy.value_head is None:
         return _packed_logprobs(model, mb, temperature), None, None
+    if _packs(model, mb):
+        return _packed_rows(model, mb, temperature, model.engine, with_logits)
     input_ids, attention, positions, first = _positions(mb, model.device, model.policy.lm)
     logits, hidden = model.engine(input_ids, logits_to_keep=input_ids.shape[1] - first, **attention)
     logprobs, selected = token_logprobs(logits, input_ids, positions, temperature, first)
@@ -245,6 +250,48 @@ def policy_forward(model: TrainedModel, mb: dict[str, Any], temperature: float,
     if hidden is not None:
         values = model.policy.value_head(gather_response(hidden, positions)).squeeze(-1).float()
     return logprobs, values, selected
+
+
+def _packs(model: TrainedModel, mb: dict[str, Any]) -> bool:
+    """Whether a padded micro-batch runs packed (`_packed_rows`): the learner packs (``learner.packing``) and the
+    rows are not packed already."""
+    return model.packing and "segment_ids" not in mb and "attention_mask" in mb
+
+
+def _packed_rows(model: TrainedModel, mb: dict[str, Any], temperature: float, lm: Any,
+                 with_logits: bool = True) -> tuple[Any, Any, Any]:
+    """A padded micro-batch's logprobs (B, T), values (B, T) | None and logits (B, T, V) | None, from one forward
+    over its sequences packed into a row (`rayalign.learner.packing.pack_micro_batch`): no compute on padding,
+    attention kept inside each sequence, the LM head run only at the K distinct positions that predict a response
+    token. ``lm`` is the policy's engine (whose calls return (logits, hidden)) or an HF LM (the reference, whose
+    calls return HF outputs). The results are gathered back to the padded layout, so the losses read them as
+    they read the padded pass's."""
+    import torch
+
+    from rayalign.learner.packing import SEGMENT_ATTENTION, attention_bias, pack_micro_batch, segment_spans
+
+    packed = pack_micro_batch(mb)
+    device = model.device
+    input_ids = packed["input_ids"].to(device)
+    attention = {"position_ids": packed["position_ids"].to(device)}
+    if getattr(model.policy.lm.config, "_attn_implementation", None) == SEGMENT_ATTENTION:
+        attention.update(attention_mask=torch.ones_like(input_ids), segment_spans=segment_spans(packed["segment_ids"]))
+    else:
+        attention["attention_mask"] = attention_bias(packed["segment_ids"].to(device), model.policy.lm.dtype)
+    positions = packed["positions"].to(device)
+    keep, index = torch.unique(positions, return_inverse=True)  # (K,) sorted, (B, T) into it
+    hidden = None
+    if lm is model.engine:
+        logits, hidden = lm(input_ids, logits_to_keep=keep, **attention)
+    else:
+        logits = lm(input_ids=input_ids, logits_to_keep=keep, use_cache=False, **attention).logits
+    scaled = logits[0].float() / temperature  # (K, V)
+    targets = input_ids[0, positions + 1]
+    logprobs = torch.log_softmax(scaled, dim=-1)[index, targets]
+    values = None
+    if hidden is not None and model.policy.value_head is not None:
+        values = model.policy.value_head(hidden[0, positions]).squeeze(-1).float()
+    return logprobs, values, scaled[index] if with_logits else None
 
 
 def _packed_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: float) -> Any:
@@ -278,6 +325,9 @@ def reference_logprobs(model: TrainedModel, mb: dict[str, Any], temperature: flo
                                                      mb["response_start"].to(model.device),
                                                      mb["response_mask"].to(model.device))
         return aligned_logprobs(logits, targets, temperature)[0]
+    if _packs(model, mb):
+        with _reference_lm(model) as lm:
+            return _packed_rows(model, mb, temperature, lm, with_logits=False)[0]
     input_ids, attention, positions, first = _positions(mb, model.device, model.policy.lm)
     with _reference_lm(model) as lm:
         logits = lm(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first, use_cache=False,

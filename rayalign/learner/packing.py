@@ -134,3 +134,41 @@ def register_segment_attention() -> str:
     AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
     AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
     return SEGMENT_ATTENTION
+
+
+def pack_micro_batch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A padded micro-batch (`rayalign.learner.batch.pad_rollouts`' layout, right-padded rows) -> its sequences
+    back to back in one row, for the RL learner's forward passes: ``input_ids``, ``position_ids`` and
+    ``segment_ids`` (1, N), N the micro-batch's real tokens, and ``positions`` (B, T), where in that row the logit
+    predicting response token t of row b sits. Only rows with a response are packed (a -1 padding row has none;
+    a micro-batch of padding alone is one 2-token row); the positions of a row's unused response columns, and of
+    rows that are not packed, point at a valid position, and ``response_mask`` masks them out as before. So the
+    per-token results gathered at ``positions`` have the padded layout the losses read, and the compute follows
+    the tokens, not B x the longest row."""
+    lengths = mb["attention_mask"].sum(dim=1).tolist()
+    answered = (mb["response_mask"].sum(dim=1) > 0).tolist()
+    starts = mb["response_start"].tolist()
+    B, T = mb["response_mask"].shape
+    ids, segments, offsets = [], [], []
+    at = 0
+    for b in range(B):
+        if not answered[b]:
+            offsets.append(None)
+            continue
+        n = int(lengths[b])
+        ids.append(mb["input_ids"][b, :n])
+        segments.append(torch.full((n,), len(ids), dtype=torch.long))
+        offsets.append(at)
+        at += n
+    if not ids:
+        ids, segments = [mb["input_ids"].new_zeros(2)], [torch.ones(2, dtype=torch.long)]
+    input_ids = torch.cat(ids)[None]
+    segment_ids = torch.cat(segments)[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in segments])[None]
+    columns = torch.arange(T)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    for b, offset in enumerate(offsets):
+        if offset is not None:  # token starts[b] + t is predicted by the position before it; clamp inside the row
+            positions[b] = (offset + starts[b] - 1 + columns).clamp(max=offset + int(lengths[b]) - 2)
+    return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
+            "positions": positions}

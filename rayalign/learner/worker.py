@@ -95,7 +95,8 @@ class LearnerWorker:
             for start in range(0, len(rows), micro):
                 mb = trim(select_rows(batch, rows[start:start + micro]))
                 if policy:
-                    logprobs, values, _ = policy_forward(self.model, mb, temperature, self.shared_prompt)
+                    logprobs, values, _ = policy_forward(self.model, mb, temperature, self.shared_prompt,
+                                                          with_logits=False)
                     out["logprobs"].append(pad_to(logprobs.float().cpu(), tokens))
                     if values is not None:
                         out["values"].append(pad_to(values.cpu(), tokens))
