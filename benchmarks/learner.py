@@ -1,5 +1,6 @@
-"""The RL learner's step on CPU, padded rows vs packed rows (`learner.packing`), on the real learner (Ray Train +
-DeepSpeed, SmolLM2-135M with the default job's LoRA adapter).
+"""The RL learner's step on CPU, padded rows vs packed rows (`learner.packing`: no padding, and a GRPO group's
+prompt run once for its answers), on the real learner (Ray Train + DeepSpeed, SmolLM2-135M with the default job's
+LoRA adapter).
 
 The batch is shaped like a step of the default `jobs/ppo.py`: --prompts held-in food prompts x --generations
 answers, in the chat template, each answer real text from the shipped preference pairs cut at --max-new-tokens
@@ -103,7 +104,9 @@ def main() -> None:
         seconds = {name: [] for name in learners}
 
         def step(name: str) -> float:
-            plan = minibatch_plan(n, n, 1, cfg.learner.micro_batch_size, 1, generator)
+            # as the job plans: a prompt's samples in the same micro-batches when packing (its prompt runs once)
+            groups = [r.prompt for r in rollouts] if name == "packed" else None
+            plan = minibatch_plan(n, n, 1, cfg.learner.micro_batch_size, 1, generator, groups=groups)
             t0 = time.perf_counter()
             learners[name].train(ref, plan, cfg.sampling.temperature, cfg.algorithm.kl_coef, single_pass=True)
             return time.perf_counter() - t0

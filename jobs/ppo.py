@@ -356,9 +356,11 @@ def train(cfg: PPOJobConfig, run: tuple, console) -> int:
                                 "reward/overlong_penalty/share": float((penalty < 0).float().mean())})
             batch, kept = kept_rows(batch, keep)
             mask = batch["response_mask"]
+            # a prompt's samples share micro-batches: packed, the learner runs the prompt once for them
             plan = minibatch_plan(len(rollouts), algo.minibatch_size, cfg.learner.num_workers,
                                   cfg.learner.micro_batch_size, algo.epochs,
-                                  torch.Generator().manual_seed(trainer.seed * 100_003 + step))
+                                  torch.Generator().manual_seed(trainer.seed * 100_003 + step),
+                                  groups=[r.prompt for r in rollouts] if cfg.learner.packing else None)
             if old_pass is not None:
                 t_wait = time.perf_counter()
                 old = kept(old_pass.result())

@@ -72,6 +72,27 @@ def test_minibatch_plan_covers_rows_once_per_epoch_and_pads_evenly():
         minibatch_plan(10, 6, 2, 2, 1, torch.Generator())
 
 
+def test_minibatch_plan_keeps_groups_in_micro_batches():
+    """With each row's group (its prompt), a minibatch's rows are the same as without, ordered group by group and
+    dealt to ranks a micro-batch at a time: every micro-batch holds one group of 4."""
+    groups = [i // 4 for i in range(16)]  # 4 prompts x 4 samples, as GRPO's batch lays them out
+    plain = minibatch_plan(16, 16, 2, 4, 2, torch.Generator().manual_seed(3))
+    grouped = minibatch_plan(16, 16, 2, 4, 2, torch.Generator().manual_seed(3), groups=groups)
+    for a, b in zip(plain, grouped):
+        assert sorted(r for rank in a for micro in rank for r in micro) == sorted(
+            r for rank in b for micro in rank for r in micro)
+        assert [len(rank) for rank in b] == [2, 2] and all(len(micro) == 4 for rank in b for micro in rank)
+        assert all(len({groups[r] for r in micro}) == 1 for rank in b for micro in rank)
+    assert any(len({groups[r] for r in micro if r >= 0}) > 1 for mb in plain for rank in mb for micro in rank)
+    assert grouped[0] != grouped[1]  # each epoch still shuffles (the group order, and rows within a group)
+    # an odd batch: padding rows at the end, groups still contiguous
+    padded = minibatch_plan(6, 8, 1, 4, 1, torch.Generator().manual_seed(0), groups=[0, 0, 1, 1, 1, 2])
+    rows = [r for micro in padded[0][0] for r in micro]
+    assert rows[-2:] == [-1, -1]
+    labels = [[0, 0, 1, 1, 1, 2][r] for r in rows[:6]]
+    assert all(labels.index(g) + labels.count(g) - 1 == len(labels) - 1 - labels[::-1].index(g) for g in labels)
+
+
 def test_select_rows_pads_with_masked_rows_that_still_attend_somewhere():
     batch = pad_rollouts([_rollout([1, 2], [3]), _rollout([4], [5, 6])])
     picked = select_rows(batch, [1, -1])

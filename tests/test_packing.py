@@ -131,7 +131,8 @@ def test_segment_attention_gives_the_masks_logits_and_gradients(smollm):
 
 def _rl_micro_batch(seed: int = 7):
     """A trimmed RL micro-batch as the worker builds it: real chat prompts and answers (SmolLM2's tokenizer) of
-    unlike lengths, right-padded, and a -1 padding row, with advantages for the clipped surrogate."""
+    unlike lengths, right-padded, a group of four answers to one prompt among them, and a -1 padding row, with
+    advantages for the clipped surrogate."""
     from transformers import AutoTokenizer
 
     from rayalign.learner.batch import pad_rollouts, select_rows, trim
@@ -143,14 +144,18 @@ def _rl_micro_batch(seed: int = 7):
             ("How do I make a quick pasta sauce for two people after work?",
              "Soften garlic in olive oil, add a tin of tomatoes, simmer ten minutes and finish with basil."),
             ("Suggest a soup.", "Minestrone with beans, carrots and celery is hearty and cheap."),
-            ("What goes well with tofu?", "Soy sauce, ginger and spring onions.")]
+            ("What goes well with tofu?", "Soy sauce, ginger and spring onions."),
+            # a group: three more answers to the first prompt (its prompt runs once for all four, packed)
+            ("What should I cook tonight?", "Pasta."),
+            ("What should I cook tonight?", "Roast chicken with potatoes and gravy."),
+            ("What should I cook tonight?", "Try a vegetable stir-fry with tofu, peppers and noodles in ginger soy.")]
     rollouts = []
     for question, answer in talk:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                                tokenize=False)
         rollouts.append(_rollout(tokenizer.encode(prompt, add_special_tokens=False), tokenizer.encode(answer) + [tokenizer.eos_token_id]))
     batch = pad_rollouts(rollouts)
-    mb = trim(select_rows(batch, [3, 0, -1, 4, 1, 2]))
+    mb = trim(select_rows(batch, [3, 0, 5, -1, 4, 7, 1, 2, 6]))
     gen = torch.Generator().manual_seed(seed)
     mb["advantages"] = torch.randn(mb["response_mask"].shape, generator=gen) * mb["response_mask"]
     return mb
@@ -170,20 +175,27 @@ def _packed(model, on: bool):
 
 
 def test_pack_micro_batch_layout():
-    from rayalign.learner.packing import pack_micro_batch
+    from rayalign.learner.packing import pack_micro_batch, span_bias
 
-    mb = {"input_ids": torch.tensor([[1, 2, 3, 4, 0], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0]]),
-          "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]),
-          "response_start": torch.tensor([2, 3, 0]),
-          "response_mask": torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])}
+    # rows 0 and 2 ask the same prompt [1, 2] (a group); row 1 another; row 3 is padding
+    mb = {"input_ids": torch.tensor([[1, 2, 3, 4, 0], [5, 6, 7, 8, 9], [1, 2, 10, 0, 0], [0, 0, 0, 0, 0]]),
+          "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]),
+          "response_start": torch.tensor([2, 3, 2, 0]),
+          "response_mask": torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])}
     packed = pack_micro_batch(mb)
-    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]  # the padding row is left out
-    assert packed["segment_ids"].tolist() == [[1, 1, 1, 1, 2, 2, 2, 2, 2]]
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4]]
-    # row 0's responses (tokens 3, 4) are predicted at 1, 2; its unused column clamps to its last predicting
-    # position; row 1's (8, 9) at 4 + 2, 4 + 3
-    assert packed["positions"].tolist() == [[1, 2, 2], [6, 7, 7], [0, 0, 0]]
-    alone = pack_micro_batch({k: v[2:] for k, v in mb.items()})  # a micro-batch of padding alone still runs
+    # the prompt [1, 2] once, then its two responses; then [5, 6, 7] and its response; the padding row left out
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 10, 5, 6, 7, 8, 9]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 2, 3, 4]]
+    assert packed["spans"] == [[(0, 2), (2, 4, 0, 2), (4, 5, 0, 2), (5, 10)]]  # a prompt asked once: one span
+    # token 0 of rows 0 and 2 is predicted by their shared prompt's last position (1); row 0's token 1 by its
+    # token 0 (at 2); unused columns clamp inside the row; the padding row points at 0
+    assert packed["positions"][[0, 1, 3]].tolist() == [[1, 2, 2], [7, 8, 8], [0, 0, 0]]
+    assert packed["positions"][2, 0] == 1
+    assert packed["targets"][:3, :2].tolist() == [[3, 4], [8, 9], [10, 0]]
+    allowed = span_bias(packed["spans"], 10, torch.float32)[0, 0] == 0
+    assert allowed[4, 0] and allowed[4, 1] and allowed[4, 4] and not allowed[4, 2] and not allowed[4, 3]
+    assert allowed[9, 5] and allowed[9, 9] and not allowed[9, 4] and not allowed[1, 2] and not allowed[7, 8]
+    alone = pack_micro_batch({k: v[3:] for k, v in mb.items()})  # a micro-batch of padding alone still runs
     assert alone["input_ids"].shape == (1, 2) and alone["positions"].tolist() == [[0, 0, 0]]
 
 
@@ -202,6 +214,11 @@ def test_packed_rl_logprobs_and_loss_equal_padded(smollm):
         padded = policy_forward(_packed(smollm, False), mb, 0.7)[0]
         packed = policy_forward(_packed(smollm, True), mb, 0.7)[0]
     assert packed.shape == padded.shape
+    from rayalign.learner.packing import pack_micro_batch
+
+    real = int(mb["attention_mask"][mb["response_mask"].sum(dim=1) > 0].sum())
+    prompt = int(mb["response_start"][1])  # row 1 is the first prompt's: three more of its answers share it
+    assert pack_micro_batch(mb)["input_ids"].shape[1] == real - 3 * prompt
     assert _close(packed, padded, mask) < 1e-5
     mb["logprobs"] = padded.detach() - 0.05 * mask  # an old policy a little off, so the ratio is not 1
     settings = PolicyGradientSettings.from_algorithm(AlgorithmConfig(name="grpo"), kl_coef=0.0)

@@ -78,12 +78,17 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, positions: tor
 
 
 def minibatch_plan(num_samples: int, minibatch_size: int, num_workers: int, micro_batch_size: int, epochs: int,
-                   generator: torch.Generator) -> list[list[list[list[int]]]]:
+                   generator: torch.Generator, groups: Sequence | None = None) -> list[list[list[list[int]]]]:
     """Which rows each worker trains on: ``plan[minibatch][rank][micro] = [row indices]`` (-1 = a padding row).
 
     Each epoch shuffles the rows and cuts them into minibatches of ``minibatch_size`` (the last one padded), so
     every worker runs the same number of micro-batches per optimizer step: the collective calls line up even when
     failed judgements left an odd number of samples.
+
+    ``groups`` (each row's group: e.g. its prompt): within each minibatch the rows are ordered group by group
+    (groups in their shuffled order) and dealt to the ranks a micro-batch at a time, so the rows of a group share
+    micro-batches and a packed forward runs their prompt once (`rayalign.learner.packing.pack_micro_batch`).
+    Which rows share a micro-batch does not change the step: its loss is a mean over the minibatch either way.
     """
     per_step = micro_batch_size * num_workers
     if minibatch_size % per_step:
@@ -95,6 +100,16 @@ def minibatch_plan(num_samples: int, minibatch_size: int, num_workers: int, micr
         order = torch.randperm(num_samples, generator=generator).tolist()
         for start in range(0, num_samples, minibatch_size):
             rows = order[start:start + minibatch_size]
+            if groups is not None:
+                rank = {}
+                for r in rows:
+                    rank.setdefault(groups[r], len(rank))
+                rows = sorted(rows, key=lambda r: rank[groups[r]])  # stable: shuffled within each group
+                rows += [-1] * (minibatch_size - len(rows))
+                micros = [rows[m * micro_batch_size:(m + 1) * micro_batch_size]
+                          for m in range(accumulation * num_workers)]
+                plan.append([micros[r::num_workers] for r in range(num_workers)])
+                continue
             rows += [-1] * (minibatch_size - len(rows))
             plan.append(_layout(rows, num_workers, micro_batch_size, accumulation))
     return plan

@@ -262,22 +262,24 @@ def _packed_rows(model: TrainedModel, mb: dict[str, Any], temperature: float, lm
                  with_logits: bool = True) -> tuple[Any, Any, Any]:
     """A padded micro-batch's logprobs (B, T), values (B, T) | None and logits (B, T, V) | None, from one forward
     over its sequences packed into a row (`rayalign.learner.packing.pack_micro_batch`): no compute on padding,
-    attention kept inside each sequence, the LM head run only at the K distinct positions that predict a response
-    token. ``lm`` is the policy's engine (whose calls return (logits, hidden)) or an HF LM (the reference, whose
-    calls return HF outputs). The results are gathered back to the padded layout, so the losses read them as
+    each distinct prompt run once for all the responses to it (a GRPO group's), attention kept inside each
+    (prompt, response), the LM head run only at the K distinct positions that predict a response token. ``lm``
+    is the policy's engine (whose calls return (logits, hidden)) or an HF LM (the reference, whose calls return
+    HF outputs). The results are gathered back to the padded layout, so the losses read them as
     they read the padded pass's."""
     import torch
 
-    from rayalign.learner.packing import SEGMENT_ATTENTION, attention_bias, pack_micro_batch, segment_spans
+    from rayalign.learner.packing import SEGMENT_ATTENTION, pack_micro_batch, span_bias
 
     packed = pack_micro_batch(mb)
     device = model.device
     input_ids = packed["input_ids"].to(device)
     attention = {"position_ids": packed["position_ids"].to(device)}
     if getattr(model.policy.lm.config, "_attn_implementation", None) == SEGMENT_ATTENTION:
-        attention.update(attention_mask=torch.ones_like(input_ids), segment_spans=segment_spans(packed["segment_ids"]))
+        attention.update(attention_mask=torch.ones_like(input_ids), segment_spans=packed["spans"])
     else:
-        attention["attention_mask"] = attention_bias(packed["segment_ids"].to(device), model.policy.lm.dtype)
+        bias = span_bias(packed["spans"], input_ids.shape[1], model.policy.lm.dtype)
+        attention["attention_mask"] = bias.to(device)
     positions = packed["positions"].to(device)
     keep, index = torch.unique(positions, return_inverse=True)  # (K,) sorted, (B, T) into it
     hidden = None
@@ -286,8 +288,7 @@ def _packed_rows(model: TrainedModel, mb: dict[str, Any], temperature: float, lm
     else:
         logits = lm(input_ids=input_ids, logits_to_keep=keep, use_cache=False, **attention).logits
     scaled = logits[0].float() / temperature  # (K, V)
-    targets = input_ids[0, positions + 1]
-    logprobs = torch.log_softmax(scaled, dim=-1)[index, targets]
+    logprobs = torch.log_softmax(scaled, dim=-1)[index, packed["targets"].to(device)]
     values = None
     if hidden is not None and model.policy.value_head is not None:
         values = model.policy.value_head(hidden[0, positions]).squeeze(-1).float()

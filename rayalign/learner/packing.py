@@ -18,7 +18,7 @@ float32, 2026-12-02). Without ``segment_spans`` it is HF's own SDPA, so the padd
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -105,8 +105,9 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       segment_spans: list[list[tuple[int, int]]] | None = None, **kwargs):
     """An HF attention function: query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D), None. With
-    ``segment_spans`` (a forward's keyword, passed down by HF to every layer), causal attention within each span
-    alone; without, HF's SDPA with ``attention_mask``."""
+    ``segment_spans`` (a forward's keyword, passed down by HF to every layer), causal attention within each
+    [start, end) span alone -- or, for a span (start, end, prompt_start, prompt_end), attention to the whole of
+    that earlier prompt span too (`pack_micro_batch`'s responses); without, HF's SDPA with ``attention_mask``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if segment_spans is None:
@@ -115,13 +116,24 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if dropout:
         raise ValueError("segment attention has no dropout (the learner sets it to 0)")
     gqa = query.shape[1] != key.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
     for b, spans in enumerate(segment_spans):
-        rows.append(torch.cat([
-            torch.nn.functional.scaled_dot_product_attention(
-                query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], is_causal=True,
-                scale=scaling, enable_gqa=gqa)
-            for s, e in spans], dim=2))
+        parts = []
+        for span in spans:
+            s, e = span[:2]
+            q, k, v = query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e]
+            if len(span) == 2:
+                parts.append(sdpa(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa))
+                continue
+            ps, pe = span[2:]  # a response: the whole of its prompt, then itself causally
+            k = torch.cat([key[b:b + 1, :, ps:pe], k], dim=2)
+            v = torch.cat([value[b:b + 1, :, ps:pe], v], dim=2)
+            n = e - s
+            mask = torch.ones((n, pe - ps + n), dtype=torch.bool, device=query.device)
+            mask[:, pe - ps:] = torch.tril(mask[:, pe - ps:])
+            parts.append(sdpa(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+        rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
@@ -136,39 +148,72 @@ def register_segment_attention() -> str:
     return SEGMENT_ATTENTION
 
 
-def pack_micro_batch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A padded micro-batch (`rayalign.learner.batch.pad_rollouts`' layout, right-padded rows) -> its sequences
-    back to back in one row, for the RL learner's forward passes: ``input_ids``, ``position_ids`` and
-    ``segment_ids`` (1, N), N the micro-batch's real tokens, and ``positions`` (B, T), where in that row the logit
-    predicting response token t of row b sits. Only rows with a response are packed (a -1 padding row has none;
-    a micro-batch of padding alone is one 2-token row); the positions of a row's unused response columns, and of
-    rows that are not packed, point at a valid position, and ``response_mask`` masks them out as before. So the
-    per-token results gathered at ``positions`` have the padded layout the losses read, and the compute follows
-    the tokens, not B x the longest row."""
+def pack_micro_batch(mb: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A padded micro-batch (`rayalign.learner.batch.pad_rollouts`' layout, right-padded rows) -> its sequences in
+    one row, each distinct prompt once, for the RL learner's forward passes (GRPO/RLOO groups share a prompt).
+
+    The row holds, for each distinct prompt, the prompt and then the responses of every row that asked it, each
+    response's positions continuing from its prompt's end: the model sees each (prompt, response) as it would
+    alone, and computes each prompt once. Returns ``input_ids``, ``position_ids`` (1, N), N the prompts' and
+    responses' tokens; ``spans``, for `segment_attention`, the row's [start, end) spans in order, a response's
+    with the [start, end) of the prompt it attends to (`span_bias` gives the same as a mask); ``positions``
+    (B, T), where the logit predicting response token t of row b sits (token 0: its prompt's last position);
+    and ``targets`` (B, T), that token. Only rows with a response are packed (a -1 padding row has none; a
+    micro-batch of padding alone is one 2-token row); unused columns and rows that are not packed point at a
+    valid position, and ``response_mask`` masks them out as before. So per-token results gathered at
+    ``positions`` have the padded layout the losses read, and the compute follows the distinct tokens, not
+    B x the longest row."""
     lengths = mb["attention_mask"].sum(dim=1).tolist()
-    answered = (mb["response_mask"].sum(dim=1) > 0).tolist()
     starts = mb["response_start"].tolist()
+    answered = (mb["response_mask"].sum(dim=1) > 0).tolist()
     B, T = mb["response_mask"].shape
-    ids, segments, offsets = [], [], []
-    at = 0
+    L = mb["input_ids"].shape[1]
+    asked: dict[tuple[int, ...], list[int]] = {}  # prompt tokens -> the rows that asked it, in row order
     for b in range(B):
-        if not answered[b]:
-            offsets.append(None)
-            continue
-        n = int(lengths[b])
-        ids.append(mb["input_ids"][b, :n])
-        segments.append(torch.full((n,), len(ids), dtype=torch.long))
-        offsets.append(at)
-        at += n
-    if not ids:
-        ids, segments = [mb["input_ids"].new_zeros(2)], [torch.ones(2, dtype=torch.long)]
-    input_ids = torch.cat(ids)[None]
-    segment_ids = torch.cat(segments)[None]
-    position_ids = torch.cat([torch.arange(len(s)) for s in segments])[None]
-    columns = torch.arange(T)
+        if answered[b]:
+            asked.setdefault(tuple(mb["input_ids"][b, :starts[b]].tolist()), []).append(b)
+    ids: list[torch.Tensor] = []
+    position_ids: list[torch.Tensor] = []
+    spans: list[tuple[int, ...]] = []
     positions = torch.zeros((B, T), dtype=torch.long)
-    for b, offset in enumerate(offsets):
-        if offset is not None:  # token starts[b] + t is predicted by the position before it; clamp inside the row
-            positions[b] = (offset + starts[b] - 1 + columns).clamp(max=offset + int(lengths[b]) - 2)
-    return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
-            "positions": positions}
+    at = 0
+    columns = torch.arange(T)
+    for prompt, rows in asked.items():
+        p = len(prompt)
+        ids.append(torch.tensor(prompt, dtype=torch.long))
+        position_ids.append(torch.arange(p))
+        if len(rows) == 1:  # a prompt asked once: prompt and response one causal span, as in a padded row
+            spans.append((at, at + int(lengths[rows[0]])))
+        else:
+            spans.append((at, at + p))
+        prompt_span, prompt_last = (at, at + p), at + p - 1
+        at += p
+        for b in rows:
+            r = int(lengths[b]) - p
+            ids.append(mb["input_ids"][b, p:p + r])
+            position_ids.append(torch.arange(p, p + r))
+            if len(rows) > 1:
+                spans.append((at, at + r, *prompt_span))
+            # token 0 is predicted by the prompt's last position, token t > 0 by response token t - 1
+            positions[b] = torch.where(columns == 0, prompt_last, at + (columns - 1).clamp(max=r - 2))
+            at += r
+    if not ids:
+        ids, position_ids, spans = [mb["input_ids"].new_zeros(2)], [torch.arange(2)], [(0, 2)]
+    targets = mb["input_ids"].gather(1, (mb["response_start"][:, None] + columns[None, :]).clamp(max=L - 1))
+    return {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(position_ids)[None], "spans": [spans],
+            "positions": positions, "targets": targets}
+
+
+def span_bias(spans: list[list[tuple[int, ...]]], length: int, dtype: torch.dtype) -> torch.Tensor:
+    """`segment_attention`'s spans as a (B, 1, L, L) additive mask (for a model loaded without it): a token
+    attends causally within its span and to the whole of its span's prompt, if it has one."""
+    allowed = torch.zeros((len(spans), length, length), dtype=torch.bool)
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    for b, row in enumerate(spans):
+        for span in row:
+            s, e = span[:2]
+            allowed[b, s:e, s:e] = causal[:e - s, :e - s]
+            if len(span) == 4:
+                allowed[b, s:e, span[2]:span[3]] = True
+    bias = torch.zeros(allowed.shape, dtype=dtype)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
