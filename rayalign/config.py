@@ -749,9 +749,10 @@ class LearnerConfig:
     """Paired objectives (dpo, ipo, simpo): run each pair's prompt once, its KV cache shared by both responses,
     instead of once per response (not under ZeRO-3, where every pair runs whole)."""
     packing: bool = True
-    """Run each micro-batch's sequences back to back in one row (attention kept inside each, positions restarted)
-    instead of right-padded to its longest: no compute on padding. The losses see the padded layout either way
-    (the results are gathered back to it); false: padded rows. (SFT's packed rows are data.packing.)"""
+    """RL and preference passes: run each micro-batch's sequences back to back in one row, each distinct prompt
+    once with every response to it after it (a GRPO group's), attention kept inside each (prompt, response),
+    instead of right-padded rows: no compute on padding or repeated prompts. The losses see the padded layout
+    either way (the results are gathered back to it); false: padded rows. (SFT's packed rows are data.packing.)"""
 
     def validate(self) -> None:
         require_at_least("learner.num_workers", self.num_workers, 1)

@@ -13,6 +13,13 @@ attention implementation (registered as ``rayalign_packed``, `register_segment_a
 on each segment alone from the row's `segment_spans`, so a row of k examples costs the sum of their squared lengths,
 not the row's. On SmolLM2, four examples in a 512-token row: forward + backward 15% faster than the mask (CPU,
 float32, 2026-12-02). Without ``segment_spans`` it is HF's own SDPA, so the padded paths are unchanged.
+
+The RL learner packs too (`pack_micro_batch`, ``learner.packing``), differently: its micro-batches arrive padded
+(every tensor the losses read is (B, T)), so each is packed into one row just for the forward pass and the results
+are gathered back to the padded layout. There each distinct prompt is written once, followed by every response to
+it (a GRPO group's answers), and a response's span attends to the whole of its prompt's span and causally to
+itself: the prompt's keys and values are computed once for the group, and each (prompt, response) still sees
+exactly what it would see alone.
 """
 
 from __future__ import annotations
