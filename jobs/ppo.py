@@ -70,8 +70,9 @@ class PPOJobConfig:
     """Ray Train + DeepSpeed learner (lr 2e-4: ten PPO steps at 5e-5 left the held-out violations where they were)."""
     lora: C.LoraConfig = C.LoraConfig()
     """The adapter (learner.finetune=lora)."""
-    trainer: C.TrainerConfig = C.TrainerConfig(total_steps=10, prompts_per_step=4)
-    """Steps, checkpoints, resume, outputs."""
+    trainer: C.TrainerConfig = C.TrainerConfig(total_steps=14, prompts_per_step=4)
+    """Steps, checkpoints, resume, outputs. 14 steps: 50-60% fewer held-out violations by the rule in three seeds
+    (10 steps: 40%; README, "A default that aligns")."""
     data: C.DataConfig = C.DataConfig()
     """Which prompts."""
     heldout: C.HeldOutConfig = C.HeldOutConfig(limit=60)
