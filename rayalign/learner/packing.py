@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
+from rayalign.learner.batch import response_positions
 from rayalign.types import Rollout
 
 
@@ -206,7 +207,7 @@ def pack_micro_batch(mb: dict[str, torch.Tensor]) -> dict[str, Any]:
             at += r
     if not ids:
         ids, position_ids, spans = [mb["input_ids"].new_zeros(2)], [torch.arange(2)], [(0, 2)]
-    targets = mb["input_ids"].gather(1, (mb["response_start"][:, None] + columns[None, :]).clamp(max=L - 1))
+    targets = mb["input_ids"].gather(1, response_positions(mb["response_start"], T, L) + 1)  # the padded row's
     return {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(position_ids)[None], "spans": [spans],
             "positions": positions, "targets": targets}
 
